@@ -1,0 +1,4 @@
+"""Entry point of `python -m cuda_bindings` (see cli.py)."""
+from .cli import main
+
+main()
