@@ -1,0 +1,1 @@
+"""Integration tests: private containerd instances (harness.py) with real runc, CRIU and our shim."""
