@@ -1,0 +1,422 @@
+"""`kybernate checkpoint` and `kybernate restore`.
+
+Targets: a containerd container id (namespace -n, default "default"), or a Kubernetes container as
+NAMESPACE/POD[/CONTAINER], found through the CRI API by the labels kubelet sets
+(io.kubernetes.pod.namespace, io.kubernetes.pod.name, io.kubernetes.container.name); its CRI id is its
+containerd id in namespace k8s.io.
+
+checkpoint: containerd's Tasks.Checkpoint with containerd.runc.v1.CheckpointOptions filled in
+  (image_path, work_path, exit, ...), which `ctr task checkpoint` only does for runc: the CRIU image
+  lands in a plain directory (default /var/lib/kybernate/checkpoints/<ns>/<id>/<UTC time>). With
+  --cri-archive FILE (Kubernetes targets, containerd 2.x) the CRI plugin's CheckpointContainer writes
+  kubelet's checkpoint archive instead. A progress line shows the elapsed time and the growing image.
+restore: a checkpoint directory becomes a running container again through the shim's restore
+  annotation kybernate.io/restore-from: for containerd ids by `ctr run` with that annotation (in place
+  of the stopped container of the same id, or under --new-id), for Kubernetes targets by CRI
+  CreateContainer/StartContainer in the pod's running sandbox (a checkpoint archive is given to
+  containerd 2.x as the image, as kubelet does).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import grpc
+
+from . import (CHECKPOINT_ROOT, CRI_NAMESPACE, LABEL_CONTAINER_NAME, LABEL_POD_NAME, LABEL_POD_NAMESPACE,
+               RESTORE_ANNOTATION, RUNTIME_HANDLER, RUNTIME_TYPE, OperatorError)
+from .containerd_api import Containerd, describe_rpc_error, spec_of, status_name
+
+
+# ---- targets ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Target:
+    namespace: str          # containerd namespace
+    id: str = ""            # containerd id (after resolution for Kubernetes targets)
+    pod_namespace: str = ""
+    pod: str = ""
+    container: str = ""
+
+    @property
+    def kubernetes(self) -> bool:
+        return bool(self.pod)
+
+    def __str__(self) -> str:
+        if self.kubernetes:
+            name = f"{self.pod_namespace}/{self.pod}" + (f"/{self.container}" if self.container else "")
+            return f"{name} (container {self.id[:13]})" if self.id else name
+        return f"{self.namespace}/{self.id}"
+
+
+def parse_target(text: str, namespace: str) -> Target:
+    """'ID' (containerd ids never hold '/') or 'NAMESPACE/POD[/CONTAINER]'."""
+    parts = text.split("/")
+    if len(parts) == 1 and text:
+        return Target(namespace=namespace, id=text)
+    if len(parts) in (2, 3) and all(parts):
+        return Target(namespace=CRI_NAMESPACE, pod_namespace=parts[0], pod=parts[1],
+                      container=parts[2] if len(parts) == 3 else "")
+    raise OperatorError(f"{text!r}: expected a containerd container id or NAMESPACE/POD[/CONTAINER]", 2)
+
+
+def find_cri_container(client: Containerd, target: Target):
+    """The CRI container of a Kubernetes target: running first, then the newest."""
+    from proto.k8s.cri.runtime.v1 import api_pb2 as cri
+
+    labels = {LABEL_POD_NAMESPACE: target.pod_namespace, LABEL_POD_NAME: target.pod}
+    if target.container:
+        labels[LABEL_CONTAINER_NAME] = target.container
+    try:
+        found = client.cri.ListContainers(cri.ListContainersRequest(
+            filter=cri.ContainerFilter(label_selector=labels)), timeout=client.timeout).containers
+    except grpc.RpcError as exc:
+        raise OperatorError(f"CRI ListContainers at {client.address}: {describe_rpc_error(exc)} (is the CRI "
+                            "plugin enabled?)") from None
+    pod = f"{target.pod_namespace}/{target.pod}"
+    if not found:
+        what = f"container {target.container!r} in pod {pod}" if target.container else f"pod {pod}"
+        raise OperatorError(f"no {what} known to containerd's CRI plugin at {client.address}")
+    names = sorted({c.metadata.name for c in found})
+    if not target.container and len(names) > 1:
+        raise OperatorError(f"pod {pod} has several containers ({', '.join(names)}): name one as "
+                            f"{pod}/CONTAINER", 2)
+    running = [c for c in found if c.state == cri.CONTAINER_RUNNING]
+    pick = max(running or found, key=lambda c: c.created_at)
+    return pick
+
+
+def resolve(client: Containerd, target: Target) -> tuple[Target, object]:
+    """(target with its containerd id, the containerd container); refuses containers not run by us."""
+    if target.kubernetes:
+        cri_container = find_cri_container(client, target)
+        target = dataclasses.replace(target, id=cri_container.id,
+                                     container=target.container or cri_container.metadata.name)
+    container = client.container(target.namespace, target.id)
+    if container is None:
+        raise OperatorError(f"no container {target.id!r} in containerd namespace {target.namespace!r}")
+    if container.runtime.name != RUNTIME_TYPE:
+        raise OperatorError(f"container {target} is run by {container.runtime.name or 'an unknown runtime'}, "
+                            f"not by kybernate ({RUNTIME_TYPE}): kybernate checkpoints only its own "
+                            "containers")
+    return target, container
+
+
+# ---- progress -----------------------------------------------------------------------------------
+def tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class Progress:
+    """Runs `work` in a thread; meanwhile shows elapsed time and the size of `watch` on `stream`.
+
+    On a terminal one line is rewritten every `interval`; otherwise a line every `log_every` seconds
+    (so logs of long GPU checkpoints show that something happens), none for quick ones.
+    """
+
+    def __init__(self, label: str, watch: Path, stream=None, interval: float = 0.5, log_every: float = 10.0,
+                 enabled: bool = True):
+        self.label = label
+        self.watch = watch
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.log_every = log_every
+        self.enabled = enabled
+        self.lines: list[str] = []
+
+    def _line(self, elapsed: float) -> str:
+        size = tree_size(self.watch) if self.watch.exists() else 0
+        return f"{self.label}: {elapsed:6.1f} s, image {human(size)}"
+
+    def run(self, work: Callable[[], object]):
+        box: dict = {}
+
+        def target():
+            try:
+                box["result"] = work()
+            except BaseException as exc:  # re-raised in the caller's thread
+                box["error"] = exc
+
+        t0 = time.monotonic()
+        thread = threading.Thread(target=target, name="kybernate-checkpoint", daemon=True)
+        thread.start()
+        tty = self.enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        next_log = t0 + self.log_every
+        while thread.is_alive():
+            thread.join(self.interval)
+            if not self.enabled or not thread.is_alive():
+                break
+            now = time.monotonic()
+            if tty:
+                self.stream.write("\r" + self._line(now - t0) + "\033[K")
+                self.stream.flush()
+            elif now >= next_log:
+                line = self._line(now - t0)
+                self.lines.append(line)
+                print(line, file=self.stream, flush=True)
+                next_log = now + self.log_every
+        if tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        self.seconds = time.monotonic() - t0
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+
+# ---- checkpoint ---------------------------------------------------------------------------------
+def default_image_dir(target: Target, root: str = CHECKPOINT_ROOT) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return Path(root) / target.namespace / target.id / stamp
+
+
+def checkpoint_options(args, image_dir: Path):
+    from proto.anyutil import pack
+    from proto.containerd.runc.v1 import options_pb2
+
+    opts = options_pb2.CheckpointOptions(
+        exit=args.exit, open_tcp=args.tcp_established, external_unix_sockets=args.ext_unix_sk,
+        file_locks=args.file_locks, image_path=str(image_dir),
+        work_path=str(args.work_path) if args.work_path else "")
+    return pack(opts)
+
+
+def checkpoint(args) -> int:
+    target = parse_target(args.target, args.namespace)
+    with Containerd(args.address) as client:
+        target, _container = resolve(client, target)
+        task = client.task(target.namespace, target.id)
+        state = status_name(task)
+        if state not in ("running", "paused"):
+            raise OperatorError(f"container {target} is not running (task: {state}): nothing to checkpoint")
+        if args.cri_archive:
+            return _checkpoint_cri(client, target, Path(args.cri_archive).absolute(), args)
+        image_dir = Path(args.image_path).absolute() if args.image_path else default_image_dir(target)
+        if image_dir.exists() and any(image_dir.iterdir()):
+            raise OperatorError(f"{image_dir} is not empty: choose another --image-path")
+        image_dir.mkdir(parents=True, exist_ok=True)
+        options = checkpoint_options(args, image_dir)
+        progress = Progress(f"checkpoint {target}", image_dir, enabled=not args.quiet)
+        note = ""
+        try:
+            progress.run(lambda: client.checkpoint(target.namespace, target.id, options, timeout=args.timeout))
+        except grpc.RpcError as exc:
+            if not _duplicate_scratch_blob(exc, image_dir):
+                _remove_if_empty(image_dir)
+                raise OperatorError(f"checkpoint of {target} failed: {describe_rpc_error(exc)}") from None
+            note = " (containerd 1.x could not store its empty scratch copy: harmless, the image is whole)"
+    from criu import CriuImageError, validate_image_dir
+    try:
+        validate_image_dir(image_dir)
+    except CriuImageError as exc:
+        raise OperatorError(f"containerd reported the checkpoint of {target} done but {exc}; see the shim's log "
+                            "(in containerd's log)") from None
+    size = tree_size(image_dir)
+    print(f"checkpoint of {target}: {image_dir} ({human(size)}, {progress.seconds:.1f} s)"
+          + ("; the task has exited" if args.exit else "") + note)
+    if args.exit:
+        hint = (f"kybernate restore {args.target} --from {image_dir}" if target.kubernetes
+                else f"kybernate -n {target.namespace} restore {target.id}")
+        print(f"restore with: {hint}")
+    return 0
+
+
+def _duplicate_scratch_blob(exc: grpc.RpcError, image_dir: Path) -> bool:
+    """containerd 1.6/1.7 hand a non-runc runtime a scratch directory of their own (the image goes to
+    CheckpointOptions.image_path), then store that directory, empty, as a content blob: the second
+    such checkpoint on a node fails with "content sha256:...: already exists" after the shim has
+    written the whole image. That error, with a whole image in place, is a success."""
+    from criu import CriuImageError, validate_image_dir
+    try:
+        details = exc.details() or ""
+    except Exception:
+        return False
+    if "already exists" not in details or not details.startswith("content sha256:"):
+        return False
+    try:
+        validate_image_dir(image_dir)
+    except CriuImageError:
+        return False
+    return True
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _checkpoint_cri(client: Containerd, target: Target, archive: Path, args) -> int:
+    from proto.k8s.cri.runtime.v1 import api_pb2 as cri
+
+    if not target.kubernetes:
+        raise OperatorError("--cri-archive needs a Kubernetes target (NAMESPACE/POD/CONTAINER)", 2)
+    if archive.exists():
+        raise OperatorError(f"{archive} exists: choose another --cri-archive")
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    req = cri.CheckpointContainerRequest(container_id=target.id, location=str(archive),
+                                         timeout=int(args.timeout or 0))
+    progress = Progress(f"checkpoint {target}", archive, enabled=not args.quiet)
+    try:
+        progress.run(lambda: client.cri.CheckpointContainer(req, timeout=args.timeout))
+    except grpc.RpcError as exc:
+        msg = describe_rpc_error(exc)
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            msg += " (CRI CheckpointContainer needs containerd 2.x; use --image-path instead)"
+        raise OperatorError(f"CRI checkpoint of {target} failed: {msg}") from None
+    print(f"checkpoint archive of {target}: {archive} ({human(tree_size(archive))}, {progress.seconds:.1f} s)")
+    return 0
+
+
+# ---- restore ------------------------------------------------------------------------------------
+def latest_checkpoint(namespace: str, container_id: str, root: str = CHECKPOINT_ROOT) -> Path:
+    base = Path(root) / namespace / container_id
+    dirs = sorted((d for d in base.glob("*") if (d / "inventory.img").exists()), key=lambda d: d.name)
+    if not dirs:
+        raise OperatorError(f"no checkpoint of {namespace}/{container_id} under {base}: pass --from DIR")
+    return dirs[-1]
+
+
+def _ctr(args, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    ctr = shutil.which(args.ctr) or args.ctr
+    cmd = [ctr, "--address", args.address, "--namespace", args.namespace, *argv]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout or 600)
+    except FileNotFoundError:
+        raise OperatorError(f"ctr not found ({args.ctr}): pass --ctr PATH") from None
+    if check and p.returncode != 0:
+        raise OperatorError(f"{' '.join(cmd)} exited {p.returncode}: {(p.stderr or p.stdout).strip()}")
+    return p
+
+
+def restore(args) -> int:
+    target = parse_target(args.target, args.namespace)
+    if target.kubernetes:
+        return _restore_cri(args, target)
+    source = Path(args.from_).absolute() if args.from_ else latest_checkpoint(target.namespace, target.id)
+    if not (source / "inventory.img").exists():
+        raise OperatorError(f"{source} is not a CRIU checkpoint directory (no inventory.img)")
+    new_id = args.new_id or target.id
+    with Containerd(args.address) as client:
+        template = client.container(target.namespace, target.id)
+        image = args.image or (template.image if template is not None else "")
+        if not image:
+            raise OperatorError(f"container {target} is gone: name its image with --image")
+        spec = spec_of(template) if template is not None else {}
+        if spec.get("process", {}).get("terminal"):
+            raise OperatorError(f"container {target} has a terminal: restore it with ctr and a console")
+        existing = client.container(target.namespace, new_id)
+        if existing is not None:
+            if existing.runtime.name != RUNTIME_TYPE:
+                raise OperatorError(f"container {target.namespace}/{new_id} exists and is not run by kybernate")
+            task = client.task(target.namespace, new_id)
+            if task is not None and status_name(task) in ("running", "paused", "pausing", "created"):
+                raise OperatorError(f"container {target.namespace}/{new_id} is {status_name(task)}: stop it, "
+                                    "or restore under --new-id")
+    # Replace the stopped container of that id by the restored one (ctr: task, then container).
+    if existing is not None:
+        _ctr(args, "task", "delete", new_id, check=False)
+        _ctr(args, "containers", "delete", new_id)
+    run = ["run", "-d", "--runtime", RUNTIME_TYPE, "--annotation", f"{RESTORE_ANNOTATION}={source}"]
+    namespaces = [n.get("type") for n in spec.get("linux", {}).get("namespaces", [])] if spec else ["network"]
+    if "network" not in namespaces or args.net_host:
+        run.append("--net-host")
+    args_after = list(args.args or spec.get("process", {}).get("args", []))
+    t0 = time.monotonic()
+    _ctr(args, *run, image, new_id, *args_after)
+    with Containerd(args.address) as client:
+        task = client.task(target.namespace, new_id)
+    state = status_name(task)
+    if state != "running":
+        raise OperatorError(f"restored container {target.namespace}/{new_id} is {state}, not running")
+    print(f"restored {target.namespace}/{new_id} from {source}: pid {task.pid} "
+          f"({time.monotonic() - t0:.1f} s)")
+    return 0
+
+
+def _restore_cri(args, target: Target) -> int:
+    from proto.k8s.cri.runtime.v1 import api_pb2 as cri
+
+    if not args.from_:
+        raise OperatorError("a Kubernetes restore needs --from (a checkpoint directory or a CRI archive)", 2)
+    if not target.container:
+        raise OperatorError("name the container: NAMESPACE/POD/CONTAINER", 2)
+    source = Path(args.from_).absolute()
+    archive = source.is_file()
+    if not archive and not (source / "inventory.img").exists():
+        raise OperatorError(f"{source} is neither a CRI checkpoint archive nor a CRIU checkpoint directory")
+    with Containerd(args.address) as client:
+        rt = client.cri
+        try:
+            pods = rt.ListPodSandbox(cri.ListPodSandboxRequest(filter=cri.PodSandboxFilter(
+                label_selector={LABEL_POD_NAMESPACE: target.pod_namespace, LABEL_POD_NAME: target.pod},
+                state=cri.PodSandboxStateValue(state=cri.SANDBOX_READY))), timeout=client.timeout).items
+        except grpc.RpcError as exc:
+            raise OperatorError(f"CRI ListPodSandbox: {describe_rpc_error(exc)}") from None
+        if not pods:
+            raise OperatorError(f"no running pod {target.pod_namespace}/{target.pod}: the pod must exist "
+                                "(restore puts a container into it)")
+        pod = max(pods, key=lambda p: p.created_at)
+        if pod.runtime_handler != RUNTIME_HANDLER:
+            raise OperatorError(f"pod {target.pod_namespace}/{target.pod} runs with runtime handler "
+                                f"{pod.runtime_handler or 'default'}, not {RUNTIME_HANDLER}")
+        status = rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id),
+                                     timeout=client.timeout).status
+        previous = rt.ListContainers(cri.ListContainersRequest(filter=cri.ContainerFilter(
+            pod_sandbox_id=pod.id, label_selector={LABEL_CONTAINER_NAME: target.container})),
+            timeout=client.timeout).containers
+        if any(c.state in (cri.CONTAINER_RUNNING, cri.CONTAINER_CREATED) for c in previous):
+            raise OperatorError(f"container {target} is running: stop it first")
+        if not previous and not args.image and not archive:
+            raise OperatorError(f"no earlier container {target.container!r} in the pod to take the image "
+                                "from: pass --image")
+        last = max(previous, key=lambda c: c.created_at) if previous else None
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name=target.container,
+                                           attempt=(max(c.metadata.attempt for c in previous) + 1) if previous else 0),
+            image=cri.ImageSpec(image=str(source) if archive else (args.image or last.image.image)),
+            labels=dict(last.labels) if last is not None else {
+                **{k: v for k, v in pod.labels.items() if k.startswith("io.kubernetes.pod.")},
+                LABEL_CONTAINER_NAME: target.container},
+            annotations=dict(last.annotations) if last is not None else {})
+        if not archive:
+            config.annotations[RESTORE_ANNOTATION] = str(source)
+        sandbox_config = cri.PodSandboxConfig(metadata=status.metadata, labels=dict(status.labels),
+                                              annotations=dict(status.annotations))
+        if status.HasField("linux") and status.linux.HasField("namespaces"):
+            sandbox_config.linux.security_context.namespace_options.CopyFrom(status.linux.namespaces.options)
+        t0 = time.monotonic()
+        try:
+            cid = rt.CreateContainer(cri.CreateContainerRequest(pod_sandbox_id=pod.id, config=config,
+                                                                sandbox_config=sandbox_config),
+                                     timeout=args.timeout).container_id
+            rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            raise OperatorError(f"CRI restore of {target} failed: {describe_rpc_error(exc)}") from None
+    print(f"restored {target.pod_namespace}/{target.pod}/{target.container} as container {cid[:13]} "
+          f"from {source} ({time.monotonic() - t0:.1f} s)")
+    return 0

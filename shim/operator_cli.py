@@ -1,0 +1,118 @@
+"""`kybernate`: the operator's command for nodes running the Kybernate containerd runtime.
+
+    kybernate doctor                      can this node checkpoint (CPU, GPU)? what to fix
+    kybernate ps                          containers run by kybernate, their CUDA processes and state
+    kybernate checkpoint TARGET           checkpoint a container (containerd id or NS/POD[/CONTAINER])
+    kybernate restore TARGET              restore it from a checkpoint
+
+Only argparse is imported here: each subcommand imports its module (grpc, protobuf, cffi) when it
+runs, so `kybernate --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
+DEFAULT_CONFIG = "/etc/containerd/config.toml"
+
+
+def _positive(value: str) -> float:
+    v = float(value)
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kybernate",
+        description="Operator tools for the Kybernate containerd runtime (io.containerd.kybernate.v1).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="TARGET is a containerd container id (in namespace -n) or a Kubernetes container as "
+               "NAMESPACE/POD[/CONTAINER] (found through containerd's CRI plugin).")
+    p.add_argument("-a", "--address", default=os.environ.get("CONTAINERD_ADDRESS", DEFAULT_ADDRESS),
+                   help=f"containerd's gRPC socket (default $CONTAINERD_ADDRESS or {DEFAULT_ADDRESS})")
+    p.add_argument("-n", "--namespace", default=os.environ.get("CONTAINERD_NAMESPACE", ""),
+                   help="containerd namespace (default $CONTAINERD_NAMESPACE; ps: all, else 'default')")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("doctor", help="check this node: containerd, runtime entry, runc, CRIU, cgroups, GPU",
+                       description="Check what checkpointing needs on this node; exit 1 when CPU checkpoint "
+                                   "is not ready.")
+    d.add_argument("--config", default=DEFAULT_CONFIG, help=f"containerd's config.toml (default {DEFAULT_CONFIG})")
+    d.add_argument("--containerd", default="containerd", help="containerd binary (default: on PATH)")
+    d.add_argument("--criu", default=None, help="CRIU binary to check (default: as the shim finds it)")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ps = sub.add_parser("ps", help="list containers run by kybernate, with CUDA processes and VRAM")
+    ps.add_argument("--json", action="store_true", help="machine-readable output")
+
+    c = sub.add_parser("checkpoint", help="checkpoint a container",
+                       description="Checkpoint a container run by kybernate into a CRIU image directory "
+                                   "(or, with --cri-archive, a CRI checkpoint archive).")
+    c.add_argument("target", metavar="TARGET", help="container id, or NAMESPACE/POD[/CONTAINER]")
+    c.add_argument("--image-path", help="directory for the CRIU image (default "
+                                        "/var/lib/kybernate/checkpoints/<ns>/<id>/<UTC time>)")
+    c.add_argument("--work-path", help="CRIU work directory (logs); default: the shim's")
+    c.add_argument("--exit", action="store_true", help="stop the container after the checkpoint "
+                                                       "(default: leave it running)")
+    c.add_argument("--tcp-established", action="store_true", help="checkpoint established TCP connections")
+    c.add_argument("--ext-unix-sk", action="store_true", help="allow external unix sockets")
+    c.add_argument("--file-locks", action="store_true", help="checkpoint file locks")
+    c.add_argument("--cri-archive", metavar="FILE",
+                   help="Kubernetes targets on containerd 2.x: write kubelet's checkpoint archive through "
+                        "CRI CheckpointContainer instead")
+    c.add_argument("--timeout", type=_positive, default=None, help="give up after this many seconds")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+    r = sub.add_parser("restore", help="restore a container from a checkpoint",
+                       description="Restore a checkpoint through the shim's kybernate.io/restore-from "
+                                   "annotation: a containerd id with ctr run (replacing the stopped "
+                                   "container of that id, or as --new-id), a Kubernetes container with "
+                                   "CRI CreateContainer/StartContainer in its running pod.")
+    r.add_argument("target", metavar="TARGET", help="container id, or NAMESPACE/POD/CONTAINER")
+    r.add_argument("--from", dest="from_", metavar="PATH",
+                   help="checkpoint directory (or CRI archive); default for containerd ids: the newest "
+                        "under /var/lib/kybernate/checkpoints/<ns>/<id>")
+    r.add_argument("--new-id", help="containerd ids: restore as this new container id")
+    r.add_argument("--image", help="image for the restored container (default: the original's)")
+    r.add_argument("--net-host", action="store_true", help="containerd ids: host network")
+    r.add_argument("--ctr", default="ctr", help="ctr binary (containerd ids; default: on PATH)")
+    r.add_argument("--timeout", type=_positive, default=None, help="give up after this many seconds")
+    r.add_argument("args", nargs="*", help="containerd ids: the process arguments (default: the original's)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from shim.operator import OperatorError
+
+    try:
+        if args.command == "doctor":
+            from shim.operator import doctor
+            return doctor.main(args)
+        if args.command == "ps":
+            from shim.operator import ps
+            return ps.main(args)
+        args.namespace = args.namespace or "default"
+        from shim.operator import checkpoint
+        if args.command == "checkpoint":
+            return checkpoint.checkpoint(args)
+        return checkpoint.restore(args)
+    except OperatorError as exc:
+        print(f"kybernate {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"kybernate {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
