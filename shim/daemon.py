@@ -1,0 +1,150 @@
+"""The long-running shim: serves the Task API on the socket `start` handed over (fd 3).
+
+It is a child subreaper (container processes are re-parented to it), logs to the bundle's ``log``
+fifo in containerd's logrus text format, publishes events to $TTRPC_ADDRESS and exits after Shutdown
+(or a while after its last task was deleted, or on SIGTERM/SIGINT).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+
+from shim.cli import RUNTIME_NAME, Flags
+
+log = logging.getLogger("kybernate.shim")
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+
+class LogrusFormatter(logging.Formatter):
+    """``time="..." level=info msg="..." key=value``: what containerd's own logs look like."""
+
+    LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
+              logging.ERROR: "error", logging.CRITICAL: "fatal"}
+
+    def __init__(self, fields: dict[str, str]):
+        super().__init__()
+        self.fields = " ".join(f"{k}={_quote(v) if (' ' in v or '=' in v or not v) else v}" for k, v in fields.items())
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.gmtime(record.created)
+        nanos = int((record.created % 1) * 1e9)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{nanos:09d}Z"
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        level = self.LEVELS.get(record.levelno, "info")
+        return f"time={_quote(stamp)} level={level} msg={_quote(msg)} {self.fields}\n"
+
+
+class FdHandler(logging.Handler):
+    """Writes to a non-blocking fd and drops what does not fit: logging must never block the shim."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = self.format(record).encode("utf-8", "replace")
+            os.write(self.fd, data)
+        except (BlockingIOError, BrokenPipeError):
+            pass
+        except Exception:
+            pass
+
+
+def open_log(bundle: str) -> int:
+    """The bundle's ``log`` fifo (containerd holds its read end), else stderr."""
+    path = os.path.join(bundle, "log")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ENXIO, errno.ENOENT):
+            raise
+        fd = os.dup(2)
+    os.dup2(fd, 2)  # tracebacks of last resort land there too
+    os.set_blocking(2, False)
+    return fd
+
+
+def setup_logging(flags: Flags) -> None:
+    fd = open_log(flags.bundle_path)
+    handler = FdHandler(fd)
+    handler.setFormatter(LogrusFormatter({"namespace": flags.namespace, "id": flags.id, "runtime": RUNTIME_NAME}))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if flags.debug else logging.INFO)
+    logging.raiseExceptions = False
+
+
+def _listener(flags: Flags) -> socket.socket:
+    if flags.socket:
+        from shim.manager import _bind
+
+        return _bind("unix://" + flags.socket if not flags.socket.startswith("unix://") else flags.socket)
+    return socket.socket(fileno=3)
+
+
+def run(flags: Flags) -> int:
+    setup_logging(flags)
+    from shim.reaper import set_subreaper
+
+    try:
+        set_subreaper()
+    except OSError as exc:
+        log.error("cannot become a child subreaper: %s", exc)
+        return 1
+    try:
+        sock = _listener(flags)
+    except OSError as exc:
+        log.error("no listening socket (fd 3 from start, or -socket): %s", exc)
+        return 1
+    try:
+        asyncio.run(_serve(flags, sock))
+    except Exception:
+        log.exception("shim failed")
+        return 1
+    return 0
+
+
+async def _serve(flags: Flags, sock: socket.socket) -> None:
+    from ttrpc import Server
+
+    from shim.events import Publisher
+    from shim.reaper import Reaper
+    from shim.service import TaskService
+
+    loop = asyncio.get_running_loop()
+    try:
+        path = sock.getsockname()
+    except OSError:
+        path = ""
+    reaper = Reaper()
+    reaper.install(loop)
+    publisher = Publisher(flags.ttrpc_address, flags.namespace)
+    stop = asyncio.Event()
+    service = TaskService(flags.namespace, reaper, publisher, on_shutdown=stop.set)
+    server = Server(service.services(), check_peer_uid=True)
+    await server.serve_socket(sock)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.debug("serving on %s (pid %d)", path or "fd 3", os.getpid())
+    await stop.wait()
+    log.info("shutting down")
+    await server.shutdown(grace=2.0)
+    await publisher.close(timeout=5.0)
+    await service.close()
+    reaper.uninstall()
+    if isinstance(path, str) and path and not path.startswith("\0"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -1,0 +1,380 @@
+"""The OCI runtime: which binary runs a container (`select_runtime`) and its CLI (`Runc`).
+
+Every runtime command is spawned with ``posix_spawn`` and its exit is awaited through the shim's
+`Reaper` (registered right after the spawn, in the event loop thread, so the SIGCHLD handler cannot
+run in between). Nothing here calls waitpid.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from shim.reaper import Reaper
+
+DEFAULT_BINARY = "runc"
+NVIDIA_RUNTIME = "nvidia-container-runtime"
+RUNC_ROOT = "/run/containerd/runc"
+
+
+class RuntimeSelectionError(Exception):
+    """No usable OCI runtime for this bundle (the Task service answers FailedPrecondition)."""
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    binary: str  # absolute path when found on PATH, else as given
+    reason: str
+    gpu: bool = False
+
+
+def gpu_request(spec: Mapping) -> str | None:
+    """Why this bundle wants NVIDIA GPUs (a sentence), or None."""
+    process = spec.get("process") if isinstance(spec, Mapping) else None
+    env = process.get("env") if isinstance(process, Mapping) else None
+    if isinstance(env, list):
+        for item in env:
+            if isinstance(item, str) and item.startswith("NVIDIA_VISIBLE_DEVICES="):
+                value = item.split("=", 1)[1].strip()
+                if value and value.lower() not in ("void", "none"):
+                    return f"process env NVIDIA_VISIBLE_DEVICES={value}"
+    annotations = spec.get("annotations") if isinstance(spec, Mapping) else None
+    if isinstance(annotations, Mapping):
+        for key, value in annotations.items():
+            if isinstance(key, str) and key.startswith("cdi.k8s.io/") and isinstance(value, str) \
+                    and "nvidia.com/gpu" in value:
+                return f"CDI annotation {key}={value}"
+    linux = spec.get("linux") if isinstance(spec, Mapping) else None
+    devices = linux.get("devices") if isinstance(linux, Mapping) else None
+    if isinstance(devices, list):
+        for dev in devices:
+            path = dev.get("path") if isinstance(dev, Mapping) else None
+            if isinstance(path, str) and path.startswith("/dev/nvidia"):
+                return f"device {path} in linux.devices"
+    return None
+
+
+def select_runtime(spec: Mapping, binary_name: str = "", env: Mapping[str, str] | None = None,
+                   which=shutil.which, container_id: str = "") -> RuntimeChoice:
+    """Pick the OCI runtime binary for a bundle.
+
+    Order: the runtime options' BinaryName; env KYBERNATE_RUNTIME; nvidia-container-runtime for a
+    bundle that asks for NVIDIA GPUs (refused when it is not installed, since plain runc would start
+    the container without its GPUs); else runc.
+    """
+    env = os.environ if env is None else env
+    gpu = gpu_request(spec)
+    name = f"container {container_id}" if container_id else "container"
+    if binary_name:
+        return RuntimeChoice(_resolve(binary_name, which, name, "BinaryName in the runtime options"),
+                             f"runtime options name BinaryName={binary_name}", gpu is not None)
+    explicit = env.get("KYBERNATE_RUNTIME", "")
+    if explicit:
+        return RuntimeChoice(_resolve(explicit, which, name, "KYBERNATE_RUNTIME"),
+                             f"KYBERNATE_RUNTIME={explicit}", gpu is not None)
+    if gpu is not None:
+        found = which(NVIDIA_RUNTIME)
+        if not found:
+            raise RuntimeSelectionError(
+                f"{name} requests NVIDIA GPUs ({gpu}) but {NVIDIA_RUNTIME} is not installed: install the "
+                f"NVIDIA container toolkit or name a runtime binary (BinaryName in the runtime options)")
+        return RuntimeChoice(found, f"GPU bundle ({gpu}): {NVIDIA_RUNTIME}", True)
+    found = which(DEFAULT_BINARY)
+    if not found:
+        raise RuntimeSelectionError(f"{name}: OCI runtime {DEFAULT_BINARY} not found in PATH")
+    return RuntimeChoice(found, "default: runc (no GPU request, no explicit runtime)", False)
+
+
+def _resolve(binary: str, which, name: str, source: str) -> str:
+    found = which(binary)
+    if not found:
+        raise RuntimeSelectionError(f"{name}: OCI runtime binary {binary!r} ({source}) not found or not executable")
+    return found
+
+
+class RuntimeCommandError(Exception):
+    """A runtime command failed; `message` is the runtime's own error sentence when it gave one."""
+
+    def __init__(self, command: str, status: int, message: str):
+        self.command = command
+        self.status = status
+        self.message = message
+        super().__init__(f"{command}: {message or f'exit status {status}'}")
+
+    @property
+    def not_exist(self) -> bool:
+        m = self.message.lower()
+        return "does not exist" in m or "not found" in m or "no such container" in m
+
+    @property
+    def not_running(self) -> bool:
+        m = self.message.lower()
+        return "not running" in m or "no such process" in m or "process already finished" in m
+
+
+@dataclass
+class Stdio:
+    """File descriptors the runtime process gets as 0, 1, 2 (None: /dev/null)."""
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+
+
+async def _read_fd(fd: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    done = loop.create_future()
+
+    def readable() -> None:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(fd)
+                if not done.done():
+                    done.set_result(None)
+                return
+            chunks.append(data)
+
+    loop.add_reader(fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return b"".join(chunks)
+
+
+@dataclass
+class CommandResult:
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+
+async def run_command(reaper: Reaper, argv: Sequence[str], stdio: Stdio | None = None,
+                      input: bytes | None = None, capture: bool = True,
+                      env: Mapping[str, str] | None = None) -> CommandResult:
+    """Spawn argv, await its exit through the reaper. stdout/stderr captured unless stdio names fds."""
+    stdio = stdio or Stdio()
+    actions: list[tuple] = []
+    close_after: list[int] = []
+    readers: list[asyncio.Task] = []
+    out_r = err_r = None
+    try:
+        if input is not None:
+            mfd = os.memfd_create("kybernate-stdin", os.MFD_CLOEXEC)
+            close_after.append(mfd)
+            os.write(mfd, input)
+            os.lseek(mfd, 0, os.SEEK_SET)
+            actions.append((os.POSIX_SPAWN_DUP2, mfd, 0))
+        elif stdio.stdin is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, stdio.stdin, 0))
+        else:
+            actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+        for target, fd in ((1, stdio.stdout), (2, stdio.stderr)):
+            if fd is not None:
+                actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+            elif capture:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                close_after.append(w)
+                actions.append((os.POSIX_SPAWN_DUP2, w, target))
+                if target == 1:
+                    out_r = r
+                else:
+                    err_r = r
+            else:
+                actions.append((os.POSIX_SPAWN_OPEN, target, os.devnull, os.O_WRONLY, 0))
+        environ = dict(os.environ if env is None else env)
+        pid = os.posix_spawnp(argv[0], list(argv), environ, file_actions=actions)
+        waiter = reaper.watch(pid)
+    except BaseException:
+        for fd in close_after + [x for x in (out_r, err_r) if x is not None]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise
+    for fd in close_after:
+        os.close(fd)
+    if out_r is not None:
+        readers.append(asyncio.ensure_future(_read_fd(out_r)))
+    if err_r is not None:
+        readers.append(asyncio.ensure_future(_read_fd(err_r)))
+    ex = await waiter
+    outputs = [await r for r in readers]
+    stdout = outputs[0] if out_r is not None else b""
+    stderr = outputs[-1] if err_r is not None else b""
+    return CommandResult(ex.status, stdout, stderr)
+
+
+def last_runtime_error(log_path: str, since: int = 0) -> str:
+    """The last error message runc logged (JSON log) after byte offset `since`."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(since)
+            data = f.read()
+    except OSError:
+        return ""
+    message = ""
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
+            message = str(entry.get("msg", ""))
+    return message
+
+
+@dataclass
+class Runc:
+    """runc's command line (and that of runc-compatible runtimes such as nvidia-container-runtime)."""
+    reaper: Reaper
+    binary: str = DEFAULT_BINARY
+    root: str = RUNC_ROOT
+    log_path: str = ""
+    systemd_cgroup: bool = False
+    criu_path: str = ""
+    extra_env: dict = field(default_factory=dict)
+
+    def _args(self, *args: str) -> list[str]:
+        argv = [self.binary, "--root", self.root]
+        if self.log_path:
+            argv += ["--log", self.log_path, "--log-format", "json"]
+        if self.systemd_cgroup:
+            argv.append("--systemd-cgroup")
+        if self.criu_path:
+            argv += ["--criu", self.criu_path]
+        argv.extend(args)
+        return argv
+
+    def _log_offset(self) -> int:
+        try:
+            return os.stat(self.log_path).st_size if self.log_path else 0
+        except OSError:
+            return 0
+
+    async def _run(self, op: str, *args: str, stdio: Stdio | None = None, input: bytes | None = None,
+                   capture: bool = True) -> CommandResult:
+        offset = self._log_offset()
+        argv = self._args(*args)
+        try:
+            res = await run_command(self.reaper, argv, stdio=stdio, input=input, capture=capture,
+                                    env={**os.environ, **self.extra_env} if self.extra_env else None)
+        except OSError as exc:
+            raise RuntimeCommandError(f"{os.path.basename(self.binary)} {op}", -1, f"cannot run {self.binary}: {exc}") from exc
+        if res.status != 0:
+            msg = ""
+            if self.log_path:
+                msg = last_runtime_error(self.log_path, offset)
+            if not msg:
+                msg = (res.stderr or res.stdout).decode(errors="replace").strip()
+                # runc prints `time=... level=error msg="..."` on stderr when no log file is set
+                if 'msg="' in msg:
+                    msg = msg.rsplit('msg="', 1)[1].rsplit('"', 1)[0]
+            raise RuntimeCommandError(f"{os.path.basename(self.binary)} {op}", res.status, msg)
+        return res
+
+    async def create(self, container_id: str, bundle: str, pid_file: str, stdio: Stdio | None = None,
+                     console_socket: str = "", no_pivot: bool = False, no_new_keyring: bool = False) -> None:
+        args = ["create", "--bundle", bundle, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if no_pivot:
+            args.append("--no-pivot")
+        if no_new_keyring:
+            args.append("--no-new-keyring")
+        args.append(container_id)
+        await self._run("create", *args, stdio=stdio, capture=False)
+
+    async def run_args(self, op: str, args: Sequence[str], stdio: Stdio | None = None,
+                       capture: bool = True) -> None:
+        """A command line built elsewhere (criu.plans for checkpoint/restore), global flags prepended.
+        capture=False for commands whose stdio a container process inherits (restore)."""
+        await self._run(op, *args, stdio=stdio, capture=capture and stdio is None)
+
+    async def start(self, container_id: str) -> None:
+        await self._run("start", "start", container_id)
+
+    async def exec(self, container_id: str, process_file: str, pid_file: str, stdio: Stdio | None = None,
+                   console_socket: str = "") -> None:
+        args = ["exec", "--process", process_file, "--detach", "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        args.append(container_id)
+        await self._run("exec", *args, stdio=stdio, capture=False)
+
+    async def kill(self, container_id: str, signal: int, all: bool = False) -> None:
+        args = ["kill"]
+        if all:
+            args.append("--all")
+        args += [container_id, str(signal)]
+        await self._run("kill", *args)
+
+    async def delete(self, container_id: str, force: bool = False) -> None:
+        args = ["delete"]
+        if force:
+            args.append("--force")
+        args.append(container_id)
+        await self._run("delete", *args)
+
+    async def pause(self, container_id: str) -> None:
+        await self._run("pause", "pause", container_id)
+
+    async def resume(self, container_id: str) -> None:
+        await self._run("resume", "resume", container_id)
+
+    async def ps(self, container_id: str) -> list[int]:
+        res = await self._run("ps", "ps", "--format", "json", container_id)
+        try:
+            pids = json.loads(res.stdout or b"[]")
+        except ValueError as exc:
+            raise RuntimeCommandError("runc ps", 0, f"unparseable output {res.stdout[:200]!r}") from exc
+        return [int(p) for p in (pids or [])]
+
+    async def state(self, container_id: str) -> dict:
+        res = await self._run("state", "state", container_id)
+        return json.loads(res.stdout)
+
+    async def update(self, container_id: str, resources_json: bytes) -> None:
+        await self._run("update", "update", "--resources", "-", container_id, input=resources_json)
+
+    async def checkpoint(self, container_id: str, image_path: str, work_path: str,
+                         leave_running: bool = True, extra_args: Sequence[str] = ()) -> None:
+        args = ["checkpoint", "--image-path", image_path, "--work-path", work_path]
+        if leave_running:
+            args.append("--leave-running")
+        args += list(extra_args)
+        args.append(container_id)
+        await self._run("checkpoint", *args)
+
+    async def restore(self, container_id: str, bundle: str, image_path: str, work_path: str, pid_file: str,
+                      stdio: Stdio | None = None, console_socket: str = "", no_pivot: bool = False,
+                      extra_args: Sequence[str] = ()) -> None:
+        args = ["restore", "--detach", "--bundle", bundle, "--image-path", image_path,
+                "--work-path", work_path, "--pid-file", pid_file, "--no-subreaper"]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if no_pivot:
+            args.append("--no-pivot")
+        args += list(extra_args)
+        args.append(container_id)
+        await self._run("restore", *args, stdio=stdio, capture=False)
+
+
+def read_pid_file(path: str) -> int:
+    with open(path) as f:
+        data = f.read().strip()
+    if not data:
+        raise OSError(errno.ENODATA, f"pid file {path} is empty")
+    return int(data)

@@ -1,0 +1,127 @@
+"""Just enough protobuf wire format for the `start` and `-info` paths, which must not import protobuf.
+
+`start` runs on every ``ctr run``; importing the protobuf runtime there costs tens of milliseconds.
+It only needs two fields of ``containerd.runc.v1.Options`` (inside an Any) and `-info` writes a small
+``RuntimeInfo``: both are a few varints and length-delimited fields.
+"""
+from __future__ import annotations
+
+OPTIONS_TYPE = "containerd.runc.v1.Options"
+
+
+class WireError(ValueError):
+    """Bytes that are not the protobuf message they claim to be."""
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise WireError("truncated varint")
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise WireError("varint too long")
+
+
+def fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """(field number, value) pairs: ints for varints/fixed, bytes for length-delimited."""
+    out: list[tuple[int, int | bytes]] = []
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wtype = key >> 3, key & 7
+        if number == 0:
+            raise WireError("field number 0")
+        if wtype == 0:
+            value, pos = _varint(data, pos)
+            out.append((number, value))
+        elif wtype == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > len(data):
+                raise WireError("truncated length-delimited field")
+            out.append((number, data[pos:pos + length]))
+            pos += length
+        elif wtype == 1:
+            if pos + 8 > len(data):
+                raise WireError("truncated fixed64")
+            out.append((number, int.from_bytes(data[pos:pos + 8], "little")))
+            pos += 8
+        elif wtype == 5:
+            if pos + 4 > len(data):
+                raise WireError("truncated fixed32")
+            out.append((number, int.from_bytes(data[pos:pos + 4], "little")))
+            pos += 4
+        else:
+            raise WireError(f"unsupported wire type {wtype}")
+    return out
+
+
+def runtime_options_from_any(data: bytes) -> dict[str, object]:
+    """The string/bool fields of a marshalled Any holding ``containerd.runc.v1.Options``.
+
+    Returns {} for empty input or an Any of another type (containerd may hand a shim options of a
+    type it does not know; the shim then runs with defaults).
+    """
+    if not data:
+        return {}
+    type_url = ""
+    value = b""
+    for number, v in fields(data):
+        if number == 1 and isinstance(v, bytes):
+            type_url = v.decode("utf-8", "replace")
+        elif number == 2 and isinstance(v, bytes):
+            value = v
+    if type_url.rpartition("/")[2] != OPTIONS_TYPE:
+        return {}
+    names = {3: "shim_cgroup", 6: "binary_name", 7: "root", 8: "criu_path", 9: "systemd_cgroup"}
+    out: dict[str, object] = {}
+    for number, v in fields(value):
+        name = names.get(number)
+        if name is None:
+            continue
+        out[name] = v.decode("utf-8", "replace") if isinstance(v, bytes) else bool(v)
+    return out
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def encode_bytes_field(number: int, value: bytes) -> bytes:
+    return _encode_varint(number << 3 | 2) + _encode_varint(len(value)) + value
+
+
+def encode_varint_field(number: int, value: int) -> bytes:
+    return _encode_varint(number << 3) + _encode_varint(value) if value else b""
+
+
+def runtime_info(name: str, version: str, revision: str = "") -> bytes:
+    """``containerd.types.RuntimeInfo{name=1, version=2 RuntimeVersion{version=1, revision=2}}``."""
+    ver = encode_bytes_field(1, version.encode())
+    if revision:
+        ver += encode_bytes_field(2, revision.encode())
+    return encode_bytes_field(1, name.encode()) + encode_bytes_field(2, ver)
+
+
+def timestamp(nanos: int) -> bytes:
+    """google.protobuf.Timestamp{seconds=1, nanos=2}."""
+    return encode_varint_field(1, nanos // 1_000_000_000) + encode_varint_field(2, nanos % 1_000_000_000)
+
+
+def delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
+    """containerd.task.v2.DeleteResponse{pid=1, exit_status=2, exited_at=3} (what `delete` prints)."""
+    return (encode_varint_field(1, pid) + encode_varint_field(2, exit_status)
+            + encode_bytes_field(3, timestamp(exited_at_ns)))
