@@ -4,7 +4,7 @@
 # tests/gpu/device-setup.sh unpacks it there. Contents:
 #   bin/      containerd 1.6, ctr, containerd-shim-runc-v2, runc, criu (+ criu.real), busybox
 #   lib/      the shared libraries runc and CRIU link that a stock Ubuntu may lack
-#   wheels/   cffi, pycparser, pyroute2 for the device's Python 3.12
+#   wheels/   cffi, pycparser, pyroute2, grpcio (+ typing_extensions) for the device's Python 3.12
 #   images/   OCI archive of the CUDA workload image (busybox + workload + the glibc libcuda needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,10 +33,15 @@ for lib in $( (ldd "$CRIU_BIN"; ldd /usr/sbin/runc) | awk '$3 ~ /^\// {print $3}
   cp -L "$lib" "$STAGE/lib/"
 done
 
+# grpcio: our generated *_pb2_grpc.py refuse an older grpcio than the one that generated them (the
+# device's is 1.84), and the GPU tests drive containerd's Tasks.Checkpoint over gRPC (image_path).
+GRPC_VERSION=$(.venv/bin/python -c "import grpc; print(grpc.__version__)")
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d "$STAGE/wheels" cffi pycparser pyroute2 2>&1 | grep -v "^WARNING: Location" || true
-ls "$STAGE/wheels"/cffi-*.whl "$STAGE/wheels"/pycparser-*.whl "$STAGE/wheels"/pyroute2-*.whl >/dev/null
+  -d "$STAGE/wheels" cffi pycparser pyroute2 "grpcio==$GRPC_VERSION" typing_extensions 2>&1 \
+  | grep -v "^WARNING: Location" || true
+ls "$STAGE/wheels"/cffi-*.whl "$STAGE/wheels"/pycparser-*.whl "$STAGE/wheels"/pyroute2-*.whl \
+   "$STAGE/wheels"/grpcio-*.whl "$STAGE/wheels"/typing_extensions-*.whl >/dev/null
 
 # The CUDA workload, built for Hopper with the runtime linked statically (no JIT library needed).
 nvcc -O2 -arch=sm_90 -cudart static -o "$STAGE/bin/gpu-workload" tests/gpu/workload.cu

@@ -1,44 +1,97 @@
 #!/usr/bin/env bash
-# On the GPU test machine (no registry; Ubuntu userland; Python 3.12 with protobuf, grpcio, psutil, pytest):
+# On the GPU test machine (no registry; Ubuntu userland; Python 3.12 with protobuf, psutil, pytest):
 # unpack .gpu-bundle/kyb-gpu.tar.xz (scripts/gpu-bundle.sh) so that tests/integration/harness.py finds
 # containerd 1.6 + runc + CRIU 4 where it looks on bookworm, and our shim where it looks for the venv.
-# Source it: `. tests/gpu/device-setup.sh` (it exports PYTHONPATH, PATH and KYB_* for the tests).
-set -eu
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-KYB=/opt/kyb
-mkdir -p $KYB
-xz -dc "$REPO/.gpu-bundle/kyb-gpu.tar.xz" | tar -C $KYB -xf -
+#
+# Source it from the repository root: `. tests/gpu/device-setup.sh`. It exports PYTHONPATH (the repo
+# and /tmp/site, where the carried wheels go), KYB_CONTAINERD_VERSIONS=1.6, KYB_GPU_WORKLOAD_IMAGE,
+# KYB_GPU_WORKLOAD, KYB_LIBCUDA (the driver's libcuda.so.1, resolved) and KYB_SETUP_OK=1 on success
+# (0 and a message on stderr otherwise; it never exits the shell that sources it).
+#
+# The shim wrapper it writes (REPO/.venv/bin/containerd-shim-kybernate-v1) runs the machine's python3
+# with PYTHONPATH=REPO:/tmp/site and KYBERNATE_LIBCUDA set: containerd's environment (the harness
+# keeps only PATH and a few locale variables) has no LD_LIBRARY_PATH, and libcuda.so.1 may live outside
+# the loader's default path (/usr/local/nvidia/lib64 on the test machine).
+#
+# For a dry run elsewhere: KYB_SETUP_ROOT=/tmp/x prefixes every system path it writes (/opt/kyb,
+# /usr/bin, /usr/sbin, /usr/local/sbin, /bin), KYB_SETUP_VENV replaces REPO/.venv, KYB_SETUP_SITE
+# replaces /tmp/site.
+_kyb_setup() {
+  local repo root kyb site venv py libcuda
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  root=${KYB_SETUP_ROOT:-}
+  kyb=$root/opt/kyb
+  site=${KYB_SETUP_SITE:-/tmp/site}
+  venv=${KYB_SETUP_VENV:-$repo/.venv}
+  py=$(command -v python3) || { echo "device-setup: no python3" >&2; return 1; }
+  [ -f "$repo/.gpu-bundle/kyb-gpu.tar.xz" ] || { echo "device-setup: $repo/.gpu-bundle/kyb-gpu.tar.xz missing (carry .gpu-bundle)" >&2; return 1; }
 
-# runc links libseccomp: wrap it like criu so the carried copy is used only where the host lacks one.
-cat > $KYB/bin/runc-wrapper <<EOF
-#!/bin/sh
-LD_LIBRARY_PATH="$KYB/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec $KYB/bin/runc "\$@"
-EOF
-chmod +x $KYB/bin/runc-wrapper
-install -m755 $KYB/bin/containerd $KYB/bin/ctr $KYB/bin/containerd-shim-runc-v2 /usr/bin/
-ln -sf $KYB/bin/runc-wrapper /usr/sbin/runc
-mkdir -p /usr/local/sbin && ln -sf $KYB/bin/criu /usr/local/sbin/criu
-[ -x /bin/busybox ] || install -m755 $KYB/bin/busybox /bin/busybox
+  mkdir -p "$kyb" "$root/usr/bin" "$root/usr/sbin" "$root/usr/local/sbin" "$root/bin" || return 1
+  xz -dc "$repo/.gpu-bundle/kyb-gpu.tar.xz" | tar -C "$kyb" -xf - || { echo "device-setup: unpack failed" >&2; return 1; }
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  $KYB/wheels/*.whl
-export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  # runc links libseccomp: wrap it like criu so that the carried copy is used, for runc alone.
+  cat > "$kyb/bin/runc-wrapper" <<EOF
+#!/bin/sh
+LD_LIBRARY_PATH="$kyb/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec $kyb/bin/runc "\$@"
+EOF
+  chmod +x "$kyb/bin/runc-wrapper"
+  install -m755 "$kyb/bin/containerd" "$kyb/bin/ctr" "$kyb/bin/containerd-shim-runc-v2" "$root/usr/bin/" || return 1
+  ln -sf "$kyb/bin/runc-wrapper" "$root/usr/sbin/runc"
+  ln -sf "$kyb/bin/criu" "$root/usr/local/sbin/criu"  # the wrapper finds criu.real and lib/ through readlink -f
+  [ -x "$root/bin/busybox" ] || install -m755 "$kyb/bin/busybox" "$root/bin/busybox"
 
-# The shim binary where the harness expects the venv's console script.
-PY=$(command -v python3)
-mkdir -p "$REPO/.venv/bin"
-cat > "$REPO/.venv/bin/containerd-shim-kybernate-v1" <<EOF
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+    "$kyb"/wheels/*.whl || { echo "device-setup: wheel install failed" >&2; return 1; }
+
+  # The driver's libcuda: the loader's cache, else what a python that loaded it maps, else known dirs.
+  libcuda=$(ldconfig -p 2>/dev/null | awk '$1 == "libcuda.so.1" {print $NF; exit}')
+  if [ -z "$libcuda" ]; then
+    libcuda=$("$py" -c '
+import ctypes
+try:
+    ctypes.CDLL("libcuda.so.1")
+except OSError:
+    raise SystemExit(0)
+for line in open("/proc/self/maps"):
+    path = line.split()[-1]
+    if "libcuda.so" in path.rsplit("/", 1)[-1]:
+        print(path)
+        break
+')
+  fi
+  if [ -z "$libcuda" ]; then
+    for d in /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/cuda/compat; do
+      [ -e "$d/libcuda.so.1" ] && { libcuda=$d/libcuda.so.1; break; }
+    done
+  fi
+  [ -n "$libcuda" ] && libcuda=$(readlink -f "$libcuda")
+
+  mkdir -p "$venv/bin" || return 1
+  cat > "$venv/bin/containerd-shim-kybernate-v1" <<EOF
 #!/bin/sh
-PYTHONPATH="$REPO:/tmp/site" exec $PY -c 'import sys; from shim.cli import main; sys.exit(main())' "\$@"
+${libcuda:+KYBERNATE_LIBCUDA="$libcuda" }PYTHONPATH="$repo:$site\${PYTHONPATH:+:\$PYTHONPATH}" exec $py -c 'import sys; from shim.cli import main; sys.exit(main())' "\$@"
 EOF
-cat > "$REPO/.venv/bin/python" <<EOF
+  cat > "$venv/bin/python" <<EOF
 #!/bin/sh
-PYTHONPATH="$REPO:/tmp/site" exec $PY "\$@"
+PYTHONPATH="$repo:$site\${PYTHONPATH:+:\$PYTHONPATH}" exec $py "\$@"
 EOF
-chmod +x "$REPO/.venv/bin/containerd-shim-kybernate-v1" "$REPO/.venv/bin/python"
-export KYB_CONTAINERD_VERSIONS=1.6
-export KYB_GPU_WORKLOAD_IMAGE=$KYB/images/cuda-workload.tar KYB_GPU_WORKLOAD=$KYB/bin/gpu-workload
-containerd --version; runc --version | head -1; criu --version | head -1
-criu check 2>&1 | tail -1
-nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
-set +eu
+  chmod +x "$venv/bin/containerd-shim-kybernate-v1" "$venv/bin/python"
+
+  export PYTHONPATH="$repo:$site${PYTHONPATH:+:$PYTHONPATH}"
+  export KYB_CONTAINERD_VERSIONS=1.6
+  export KYB_GPU_WORKLOAD_IMAGE=$kyb/images/cuda-workload.tar KYB_GPU_WORKLOAD=$kyb/bin/gpu-workload
+  export KYB_LIBCUDA=$libcuda
+  echo "libcuda: ${libcuda:-NOT FOUND}"
+  "$root/usr/bin/containerd" --version; "$root/usr/sbin/runc" --version | head -1
+  "$root/usr/local/sbin/criu" --version | head -1
+  [ -z "$root" ] && { criu check 2>&1 | tail -1; }
+  "$py" -c "import sys, cffi, grpc, google.protobuf as pb; print('python', sys.version.split()[0], 'cffi', cffi.__version__, 'grpc', grpc.__version__, 'protobuf', pb.__version__)" \
+    || { echo "device-setup: python modules missing" >&2; return 1; }
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,uuid,driver_version,memory.used,memory.total --format=csv,noheader
+  fi
+  return 0
+}
+if _kyb_setup; then KYB_SETUP_OK=1; else KYB_SETUP_OK=0; echo "device-setup: FAILED" >&2; fi
+export KYB_SETUP_OK
+unset -f _kyb_setup
