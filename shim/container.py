@@ -63,19 +63,19 @@ def _uses_pid_namespace(spec: dict) -> bool:
     return False
 
 
-def _parse_options(options_any) -> Any:
-    """The runtime options Any (containerd.runc.v1.Options), or defaults when unset."""
-    from proto.containerd.runc.v1 import options_pb2
+def _parse_options(container_id: str, options_any):
+    """The runtime options (runc's protobuf Options, or CRI's TOML for other runtime types)."""
+    from shim.options import OptionsError, parse
 
-    if options_any is None or not options_any.type_url:
-        return options_pb2.Options()
-    from proto.anyutil import TypeMismatch, unpack
-
+    if options_any is None:
+        return parse("", b"")
     try:
-        return unpack(options_any, options_pb2.Options)
-    except TypeMismatch:
-        log.warning("runtime options of type %s ignored (want containerd.runc.v1.Options)", options_any.type_url)
-        return options_pb2.Options()
+        opts = parse(options_any.type_url, options_any.value)
+    except OptionsError as exc:
+        raise TTRPCError(Code.INVALID_ARGUMENT, f"create container {container_id}: {exc}") from exc
+    if opts.source.startswith("ignored"):
+        log.warning("container %s: %s", container_id, opts.source)
+    return opts
 
 
 class Container:
@@ -116,7 +116,7 @@ class Container:
         except (OSError, ValueError) as exc:
             raise TTRPCError(Code.INVALID_ARGUMENT,
                              f"create container {cid}: invalid bundle {bundle}: config.json: {exc}") from exc
-        options = _parse_options(req.options if req.HasField("options") else None)
+        options = _parse_options(cid, req.options if req.HasField("options") else None)
         try:
             choice = select_runtime(spec, options.binary_name, container_id=cid)
         except RuntimeSelectionError as exc:
@@ -124,9 +124,9 @@ class Container:
         log.info("container %s: OCI runtime %s (%s)", cid, choice.binary, choice.reason)
         root = os.path.join(options.root or RUNC_ROOT, namespace)
         runtime = Runc(reaper, binary=choice.binary, root=root, log_path=os.path.join(bundle, "log.json"),
-                       systemd_cgroup=options.systemd_cgroup, criu_path=getattr(options, "criu_path", ""))
+                       systemd_cgroup=options.systemd_cgroup, criu_path=options.criu_path)
         _write_state(bundle, {"binary": choice.binary, "root": root, "systemd_cgroup": options.systemd_cgroup,
-                              "criu_path": getattr(options, "criu_path", ""), "reason": choice.reason})
+                              "criu_path": options.criu_path, "reason": choice.reason, "options": options.source})
 
         rootfs = ""
         mounted = False

@@ -86,10 +86,11 @@ def setup_logging(flags: Flags) -> None:
 
 
 def _listener(flags: Flags) -> socket.socket:
-    if flags.socket:
+    if flags.socket:  # -socket PATH: bind it ourselves (no `start` handed one over)
         from shim.manager import _bind
 
-        return _bind("unix://" + flags.socket if not flags.socket.startswith("unix://") else flags.socket)
+        raw = _bind(flags.socket if flags.socket.startswith("unix://") else "unix://" + flags.socket)
+        return socket.socket(fileno=raw.detach())
     return socket.socket(fileno=3)
 
 

@@ -198,7 +198,7 @@ def _adjust_oom_score(pid: int) -> None:
         pass
 
 
-def bootstrap_output(address: str, environ=None, containerd_major=None) -> str:
+def bootstrap_output(address: str, environ=None, parent_major: int | None = None) -> str:
     """What `start` prints: the bare address, or the bootstrap JSON when containerd takes version 3.
 
     containerd 1.6 reads only the bare address; 1.7 also parses JSON up to version 2; 2.x parses
@@ -217,7 +217,7 @@ def bootstrap_output(address: str, environ=None, containerd_major=None) -> str:
         except ValueError:
             version = 0
         if version == 2:
-            major = containerd_major() if containerd_major is None else containerd_major
+            major = containerd_major() if parent_major is None else parent_major
             version = 3 if major >= 2 else 2
     if version >= 3:
         return '{"version":3,"address":"%s","protocol":"ttrpc"}' % address
@@ -311,9 +311,8 @@ def start(flags: Flags) -> int:
     listener.close()
     try:
         _write_file(os.path.join(bundle, "shim.pid"), str(pid))
-        options = _read_stdin_options()
-        cgroup = options.get("shim_cgroup")
-        if isinstance(cgroup, str) and cgroup:
+        cgroup = _read_stdin_options().shim_cgroup
+        if cgroup:
             _join_cgroup(pid, cgroup)
         _adjust_oom_score(pid)
     except (OSError, ValueError) as exc:
@@ -328,21 +327,20 @@ def start(flags: Flags) -> int:
     return 0
 
 
-def _read_stdin_options() -> dict:
-    try:
-        if os.isatty(0):
-            return {}
-        data = os.read(0, 1 << 20)
-    except OSError:
-        return {}
-    if not data:
-        return {}
-    from shim.wire import WireError, runtime_options_from_any
+def _read_stdin_options():
+    """The runtime options containerd writes on stdin (only ShimCgroup matters to `start`).
+
+    Undecodable options are not `start`'s business (the runc shim ignores them too); Create reports
+    them, naming the container."""
+    from shim.options import OptionsError, RuntimeOptions, parse_marshalled_any
 
     try:
-        return runtime_options_from_any(data)
-    except WireError as exc:
-        raise ValueError(f"runtime options on stdin are not a containerd.runc.v1.Options Any: {exc}") from exc
+        if os.isatty(0):
+            return RuntimeOptions()
+        data = os.read(0, 1 << 20)
+        return parse_marshalled_any(data)
+    except (OSError, OptionsError):
+        return RuntimeOptions()
 
 
 def _remove_socket(address: str) -> None:

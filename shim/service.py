@@ -12,7 +12,6 @@ import asyncio
 import functools
 import logging
 import os
-import time
 
 from ttrpc import Code, Service, TTRPCError
 from google.protobuf import empty_pb2

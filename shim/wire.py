@@ -1,13 +1,10 @@
-"""Just enough protobuf wire format for the `start` and `-info` paths, which must not import protobuf.
+"""Just enough protobuf wire format for `start`, `delete` and `-info`, which must not import protobuf.
 
-`start` runs on every ``ctr run``; importing the protobuf runtime there costs tens of milliseconds.
-It only needs two fields of ``containerd.runc.v1.Options`` (inside an Any) and `-info` writes a small
-``RuntimeInfo``: both are a few varints and length-delimited fields.
+They run on every ``ctr run``; importing the protobuf runtime costs tens of milliseconds there. They
+read runtime options (`shim.options`) and write a DeleteResponse or a RuntimeInfo: a few varints and
+length-delimited fields.
 """
 from __future__ import annotations
-
-OPTIONS_TYPE = "containerd.runc.v1.Options"
-
 
 class WireError(ValueError):
     """Bytes that are not the protobuf message they claim to be."""
@@ -58,33 +55,6 @@ def fields(data: bytes) -> list[tuple[int, int | bytes]]:
             pos += 4
         else:
             raise WireError(f"unsupported wire type {wtype}")
-    return out
-
-
-def runtime_options_from_any(data: bytes) -> dict[str, object]:
-    """The string/bool fields of a marshalled Any holding ``containerd.runc.v1.Options``.
-
-    Returns {} for empty input or an Any of another type (containerd may hand a shim options of a
-    type it does not know; the shim then runs with defaults).
-    """
-    if not data:
-        return {}
-    type_url = ""
-    value = b""
-    for number, v in fields(data):
-        if number == 1 and isinstance(v, bytes):
-            type_url = v.decode("utf-8", "replace")
-        elif number == 2 and isinstance(v, bytes):
-            value = v
-    if type_url.rpartition("/")[2] != OPTIONS_TYPE:
-        return {}
-    names = {3: "shim_cgroup", 6: "binary_name", 7: "root", 8: "criu_path", 9: "systemd_cgroup"}
-    out: dict[str, object] = {}
-    for number, v in fields(value):
-        name = names.get(number)
-        if name is None:
-            continue
-        out[name] = v.decode("utf-8", "replace") if isinstance(v, bytes) else bool(v)
     return out
 
 

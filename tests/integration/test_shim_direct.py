@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -715,3 +714,127 @@ def test_gpu_bundle_without_nvidia_runtime_is_refused(shim):
     assert created.pid > 0
     state = json.loads((bundle / "kybernate.json").read_text())
     assert state["binary"] == RUNC and "BinaryName" in state["reason"]
+
+
+def test_cri_style_toml_options_reach_the_runtime(shim, tmp_path):
+    """containerd's CRI plugin sends our runtime type its config.toml options as TOML
+    (runtimeoptions.v1.Options); BinaryName and Root must take effect."""
+    from google.protobuf import any_pb2
+
+    from shim.wire import encode_bytes_field
+
+    root = tmp_path / "runc-root"
+    body = f'BinaryName = "{RUNC}"\nRoot = "{root}"\n'.encode()
+    opts = any_pb2.Any(type_url="runtimeoptions.v1.Options", value=encode_bytes_field(3, body))
+    bundle = shim.bundle("toml", ["sleep", "100"])
+    shim.created.append("toml")
+    shim.call("Create", api.CreateTaskRequest(id="toml", bundle=str(bundle), options=opts))
+    assert (root / shim.namespace / "toml").is_dir()  # runc --root <Root>/<namespace>
+    state = json.loads((bundle / "kybernate.json").read_text())
+    assert state["binary"] == RUNC and state["options"] == "runtimeoptions.v1.Options"
+    shim.call("Kill", api.KillRequest(id="toml", signal=9))
+    shim.call("Wait", api.WaitRequest(id="toml"))
+    shim.call("Delete", api.DeleteRequest(id="toml"))
+    shim.created.remove("toml")
+    assert not (root / shim.namespace / "toml").exists()
+    bad = any_pb2.Any(type_url="runtimeoptions.v1.Options", value=encode_bytes_field(3, b"SystemdCgroup = 'x'"))
+    assert_error(shim.error("Create", api.CreateTaskRequest(id="badopt", bundle=str(shim.bundle("badopt", ["true"])),
+                                                            options=bad)), Code.INVALID_ARGUMENT, "badopt", "SystemdCgroup")
+
+
+def test_pod_containers_share_one_shim(shim, tmp_path):
+    """Bundles annotated with the same io.kubernetes.cri.sandbox-id get the same shim from `start`."""
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "KYBERNATE_WARM": "0",
+           "TTRPC_ADDRESS": shim.events.path}
+    addresses, pids = [], []
+    for cid in ("pause", "app"):
+        bundle = shim.bundle(cid, ["sleep", "1000"])
+        spec = json.loads((bundle / "config.json").read_text())
+        spec["annotations"] = {"io.kubernetes.cri.sandbox-id": "pod-" + shim.token,
+                               "io.kubernetes.cri.container-type": "sandbox" if cid == "pause" else "container"}
+        (bundle / "config.json").write_text(json.dumps(spec))
+        r = subprocess.run([str(SHIM_BINARY), "-namespace", shim.namespace, "-address",
+                            str(shim.run_dir / "containerd.sock"), "-id", cid, "start"], cwd=bundle, env=env,
+                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        addresses.append(r.stdout.strip())
+        pids.append(int((bundle / "shim.pid").read_text()) if (bundle / "shim.pid").exists() else None)
+        assert (bundle / "address").read_text() == r.stdout.strip()
+    assert addresses[0] == addresses[1] != shim.address
+    pod = BlockingClient(addresses[0], timeout=10)
+    try:
+        for cid in ("pause", "app"):
+            pod.call(V2, "Create", api.CreateTaskRequest(id=cid, bundle=str(tmp_path / "bundles" / cid)),
+                     api.CreateTaskResponse, timeout=30)
+            pod.call(V2, "Start", api.StartRequest(id=cid), api.StartResponse, timeout=30)
+        for cid in ("app", "pause"):
+            pod.call(V2, "Kill", api.KillRequest(id=cid, signal=9), empty_pb2.Empty, timeout=10)
+            pod.call(V2, "Wait", api.WaitRequest(id=cid), api.WaitResponse, timeout=10)
+            pod.call(V2, "Delete", api.DeleteRequest(id=cid), api.DeleteResponse, timeout=30)
+            if cid == "app":  # the pod's shim keeps serving its other container
+                pod.call(V2, "Shutdown", api.ShutdownRequest(id=cid), empty_pb2.Empty, timeout=10)
+                assert pod.call(V2, "State", api.StateRequest(id="pause"), api.StateResponse).status == 2
+        pod.call(V2, "Shutdown", api.ShutdownRequest(id="pause"), empty_pb2.Empty, timeout=10)
+    finally:
+        pod.close()
+    deadline = time.monotonic() + 10
+    while _pid_alive(pids[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pid_alive(pids[0])
+    assert not Path(addresses[0].removeprefix("unix://")).exists()
+
+
+def test_start_imports_no_protobuf_and_no_asyncio(tmp_path):
+    """`start` is on the critical path of every `ctr run`: builtin modules only."""
+    import sys
+
+    run_dir = Path("/run") / f"kybs-{secrets.token_hex(3)}"
+    run_dir.mkdir()
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "config.json").write_text('{"process": {"args": ["true"]}}')
+    code = ("import sys; sys.argv = [sys.argv[1]]\n"
+            "from shim.cli import main\n"
+            "rc = main(['-namespace', 'kybimp', '-address', sys.argv[0] + '.sock', '-id', 'imp', 'start'])\n"
+            "sys.stderr.write('MODULES ' + ' '.join(sorted(sys.modules)) + '\\n')\n"
+            "sys.exit(rc)\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KYBERNATE_WARM": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    r = subprocess.run([sys.executable, "-c", code, str(run_dir / "containerd")], cwd=bundle, env=env,
+                       capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    try:
+        assert r.returncode == 0, r.stderr
+        modules = set(r.stderr.split("MODULES ", 1)[1].split())
+        for heavy in ("asyncio", "google.protobuf", "ttrpc", "json", "dataclasses", "subprocess", "socket",
+                      "hashlib", "logging"):
+            assert heavy not in modules, f"`start` imported {heavy}"
+    finally:
+        address = r.stdout.strip()
+        if address:
+            try:
+                with BlockingClient(address, timeout=10) as c:
+                    c.call(V2, "Shutdown", api.ShutdownRequest(id="imp"), empty_pb2.Empty, timeout=10)
+            except (TTRPCError, OSError):
+                pass
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_daemon_with_socket_flag(tmp_path):
+    """The daemon run by hand with -socket (no `start`): serves there and removes it on Shutdown."""
+    path = Path("/run") / f"kybsock-{secrets.token_hex(3)}.sock"
+    proc = subprocess.Popen([str(SHIM_BINARY), "-namespace", "kybsock", "-id", "x", "-address", "/nowhere",
+                             "-socket", str(path)], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with BlockingClient(str(path), timeout=10) as c:
+            assert c.call(V3, "Connect", api.ConnectRequest(id="x"), api.ConnectResponse, timeout=10).shim_pid == proc.pid
+            c.call(V2, "Shutdown", api.ShutdownRequest(id="x"), empty_pb2.Empty, timeout=10)
+        assert proc.wait(timeout=15) == 0
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
