@@ -105,11 +105,12 @@ unpack_dep runc-1.3 runc/sid 1.3.
 # ---- 3. CRIU 4 ----------------------------------------------------------------------------------
 t0=$(now)
 criu=$(working_criu4)
-if [ -n "$criu" ]; then
-    note "CRIU: $criu ($("$criu" --version | sed -n 's/^Version: //p')) passes criu check"
+if [ "$criu" = /usr/local/sbin/criu ] && bash "$REPO/scripts/build-criu.sh" --check-only; then
+    note "CRIU: $criu ($("$criu" --version | sed -n 's/^Version: //p')) passes criu check and has our patches"
 else
     [ -x /usr/sbin/criu ] && ! /usr/sbin/criu check >/dev/null 2>&1 &&
         say "CRIU: /usr/sbin/criu $(/usr/sbin/criu --version | sed -n 's/^Version: //p') fails criu check; building CRIU 4"
+    [ -n "$criu" ] && say "CRIU: $criu lacks our patches (scripts/criu-patches); building CRIU 4"
     bash "$REPO/scripts/build-criu.sh"
     criu=$(working_criu4)
     [ -n "$criu" ] || die "no working CRIU >= 4 after build-criu.sh"
@@ -131,7 +132,7 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ] &&
    "$VENV/bin/python" -m pip show -q kybernate >/dev/null 2>&1; then
     note "venv: kybernate installed editable in $VENV, setup.cfg unchanged"
 else
-    (cd "$REPO" && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,dev]') ||
+    (cd "$REPO" && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,dev]' --config-settings editable_mode=compat) ||
         die "pip install -e '.[test,dev]' failed"
     echo "$stamp" >"$stamp_file"
     say "venv: pip install -e '.[test,dev]' ($(elapsed "$t0"))"
