@@ -60,12 +60,12 @@ def grouping_id(bundle: str, task_id: str) -> str:
 
 def socket_address(containerd_address: str, namespace: str, group: str, debug: bool = False) -> str:
     """``unix:///run/containerd/s/<sha256 of address/namespace/group>`` as containerd's shims name it."""
-    import _sha256
+    from shim._digest import sha256
 
     path = os.path.normpath(os.path.join(containerd_address, namespace, group))
     if debug:
         path = os.path.join(path, "debug")
-    return f"unix://{SOCKET_DIR}/{_sha256.sha256(path.encode()).hexdigest()}"
+    return f"unix://{SOCKET_DIR}/{sha256(path.encode()).hexdigest()}"
 
 
 def socket_path(address: str) -> str:
@@ -233,7 +233,7 @@ def containerd_major(pid: int | None = None) -> int:
     Asked once per containerd binary (``containerd --version``, ~20 ms) and cached in /run by the
     binary's identity (path, inode, size, mtime), so `start` pays a stat and a small read.
     """
-    import _sha256
+    from shim._digest import sha256
 
     ppid = os.getppid() if pid is None else pid
     try:
@@ -243,7 +243,7 @@ def containerd_major(pid: int | None = None) -> int:
         return 0
     if not os.path.basename(exe).startswith("containerd"):
         return 0
-    key = _sha256.sha256(f"{exe}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    key = sha256(f"{exe}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
     cache = os.path.join(VERSION_CACHE_DIR, f"containerd-major-{key}")
     try:
         with open(cache) as f:

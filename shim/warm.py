@@ -33,9 +33,9 @@ REPLY_TIMEOUT = 2.0
 
 def template_socket(containerd_address: str, binary: str) -> str:
     """The template's abstract socket name (no file to leak when the template is killed)."""
-    import _sha256
+    from shim._digest import sha256
 
-    digest = _sha256.sha256(f"kybernate-warm\0{containerd_address}\0{binary}".encode()).hexdigest()
+    digest = sha256(f"kybernate-warm\0{containerd_address}\0{binary}".encode()).hexdigest()
     return f"\0kybernate-warm-{digest[:40]}"
 
 
