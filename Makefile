@@ -21,8 +21,10 @@ test-integration:
 proto:            ## regenerate proto/ modules with the pinned grpcio-tools
 	bash scripts/gen-proto.sh
 
-bench:
-	$(PY) bench/run_all.py
+bench:           ## side-by-side benchmarks on this machine (GPU ones run on the GPU machine)
+	$(PY) bench/ttrpc_bench.py
+	$(PY) bench/shim_bench.py
+	$(PY) bench/checkpoint_bench.py
 
 gpu-bundle:       ## what the GPU machine lacks, compressed, for tests/gpu
 	bash scripts/gpu-bundle.sh
