@@ -292,3 +292,15 @@ class CudaDriver:
 
     def device_uuids(self) -> list[str]:
         return [self.device_uuid(i) for i in range(self.device_count())]
+
+    def device_name(self, ordinal: int) -> str:
+        """The device's model name as the driver reports it ('NVIDIA H100 80GB HBM3')."""
+        dev = ffi.new("CUdevice *")
+        self._check(self._lib.cuDeviceGet(dev, ordinal), "cuDeviceGet")
+        buf = ffi.new("char[]", 256)
+        self._check(self._lib.cuDeviceGetName(buf, 256, dev[0]), "cuDeviceGetName")
+        return ffi.string(buf).decode(errors="replace")
+
+    def devices(self) -> list[tuple[str, str]]:
+        """(UUID, model name) of every device, in the driver's order."""
+        return [(self.device_uuid(i), self.device_name(i)) for i in range(self.device_count())]

@@ -20,7 +20,10 @@ call blocks (a 2 GiB checkpoint takes a second or more), so each runs in a threa
 serving State, Pids and other containers meanwhile.
 
 The checkpoint image gets a small ``kybernate-gpu.json`` next to CRIU's files: which GPUs (UUIDs)
-the checkpointed processes used, so that a restore onto other GPUs (gpu_map) knows what to map.
+the checkpointed processes used, the container's GPUs in its spec's order, their models and the
+driver's versions. Before ``runc restore`` (`before_restore`), shim.gpu_placement compares that with
+the GPUs the new container's spec gives it: identity, remap (gpu_map to the driver's restore), or a
+FailedPrecondition before anything is created.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from shim.runtime import RuntimeCommandError
 if TYPE_CHECKING:  # pragma: no cover
     from cuda_bindings import CudaDriver
     from shim.container import Container
+    from shim.gpu_placement import Placement
 
 log = logging.getLogger("kybernate.shim")
 
@@ -57,6 +61,7 @@ RECORD_FORMAT = 1
 
 PROC = Path("/proc")
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one dir per GPU: "information" has UUID and minor
+NVIDIA_VERSION = Path("/proc/driver/nvidia/version")  # the kernel module's version
 NVIDIA_MAJOR = 195  # /dev/nvidia<minor> (GPUs), nvidiactl (255), nvidia-modeset (254)
 NVIDIA_CONTROL_MINORS = frozenset({254, 255})
 LIBCUDA_NAME = b"libcuda.so"
@@ -187,13 +192,14 @@ _driver: Optional["CudaDriver"] = None
 _driver_lock = threading.Lock()
 
 
-def load_driver(hint_pids: Iterable[int] = (), proc: Path = PROC) -> "CudaDriver":
+def load_driver(hint_pids: Iterable[int] = (), proc: Path = PROC, paths: Iterable[str] = ()) -> "CudaDriver":
     """The shim's CudaDriver ($KYBERNATE_LIBCUDA, else libcuda.so.1); blocking: call in a thread.
 
     Where the loader cannot find libcuda.so.1 (a node whose driver lives outside the loader's path,
     as /usr/local/nvidia/lib64 does), the library a CUDA process of the container maps is tried: at
     its path on the host (nvidia-container-runtime mounts it at the same path), then through the
-    process's root. Only a success is cached."""
+    process's root; then `paths` (before a restore: the one kybernate-gpu.json names). Only a success
+    is cached."""
     global _driver
     with _driver_lock:
         if _driver is not None:
@@ -217,6 +223,14 @@ def load_driver(hint_pids: Iterable[int] = (), proc: Path = PROC) -> "CudaDriver
                         return _driver
                     except DriverMissing:
                         continue
+        for candidate in paths:
+            if candidate and os.path.isabs(candidate) and os.path.exists(candidate):
+                try:
+                    _driver = CudaDriver(candidate)
+                    log.info("CUDA driver loaded from %s (named by %s)", candidate, RECORD_NAME)
+                    return _driver
+                except DriverMissing:
+                    continue
         raise first
 
 
@@ -278,6 +292,7 @@ class Suspension:
     driver_version: int
     visible_gpus: list[str]
     timings: dict = field(default_factory=dict)
+    placement: dict = field(default_factory=dict)  # container GPUs, models, driver release (gpu_placement)
 
     @property
     def pids(self) -> list[int]:
@@ -294,6 +309,7 @@ class Suspension:
                "visible_gpus": self.visible_gpus, "gpus": self.gpus,
                "lock_timeout_ms": self.lock_timeout_ms, "suspend_seconds": round(self.seconds, 6),
                "processes": [p.to_dict() for p in self.processes], "timings": self.timings}
+        out.update(self.placement)
         out.update(extra or {})
         return out
 
@@ -326,14 +342,16 @@ class ContainerGpu:
 
     def __init__(self, container_id: str, spec: Mapping, list_pids: Callable[[], list[int]],
                  driver_loader: Callable[..., "CudaDriver"] = load_driver, proc: Path = PROC,
-                 gpus_dir: Path = NVIDIA_GPUS):
+                 gpus_dir: Path = NVIDIA_GPUS, version_file: Path = NVIDIA_VERSION):
         self.id = container_id
         self.spec = spec
         self._list_pids = list_pids
         self._load = driver_loader
         self.proc = proc
         self.gpus_dir = gpus_dir
+        self.version_file = version_file
         self.paused: Optional[Suspension] = None  # what Pause suspended (VRAM released)
+        self.placement = None  # gpu_placement.Placement decided before the restore (plan_restore)
         self._settings: Optional[GpuSettings] = None
 
     def settings(self) -> GpuSettings:
@@ -366,12 +384,29 @@ class ContainerGpu:
         found = await asyncio.to_thread(discover, pids, driver, proc=self.proc)
         return [p for p in found if p.holds_cuda]
 
-    def _gpus_of(self, pid: int, visible: list[str], by_minor: dict[int, str]) -> tuple[list[str], str]:
+    def _gpus_of(self, pid: int, visible: list[str], by_minor: dict[int, str],
+                 container: Optional[list[str]] = None) -> tuple[list[str], str]:
         minors = gpu_minors(pid, self.proc)
         uuids = [by_minor[m] for m in sorted(minors) if m in by_minor]
         if minors and len(uuids) == len(minors):
             return uuids, "device-files"
+        if container:  # the container's GPUs, from its spec
+            return list(container), "container-spec"
         return list(visible), "all-visible"
+
+    def _placement_facts(self, driver, pids: list[int]) -> tuple[dict, list[str]]:
+        """(kybernate-gpu.json's placement fields, the container's GPUs); best effort: a checkpoint
+        does not need them, a later restore onto other GPUs does."""
+        from shim import gpu_placement
+
+        try:
+            host = gpu_placement.host_gpus(driver, self.gpus_dir, self.version_file)
+            facts = gpu_placement.record_fields(self.spec, host, [g.uuid for g in host.gpus])
+            facts["libcuda"] = next(filter(None, (mapped_libcuda(pid, self.proc) for pid in pids)), None)
+            return facts, list(facts["container_gpus"])
+        except Exception as exc:  # noqa: BLE001 - reported, never fatal
+            log.warning("container %s: cannot record its GPUs for a later restore: %s", self.id, exc)
+            return {}, []
 
     async def suspend(self, reason: str, what: str) -> Optional[Suspension]:
         """Lock + checkpoint every CUDA process in parallel; None for a container without any.
@@ -398,8 +433,9 @@ class ContainerGpu:
                 return []
 
         visible = await asyncio.to_thread(visible_gpus)
+        facts, container_gpus = await asyncio.to_thread(self._placement_facts, driver, [p.pid for p in processes])
         by_minor = gpu_uuids_by_minor(self.gpus_dir)
-        gpus = {p.pid: self._gpus_of(p.pid, visible, by_minor) for p in processes}
+        gpus = {p.pid: self._gpus_of(p.pid, visible, by_minor, container_gpus) for p in processes}
 
         from cuda_bindings import suspend_all
 
@@ -423,7 +459,12 @@ class ContainerGpu:
                 for o in result.outcomes]
         log.info("container %s: %s: suspended %d CUDA process(es) %s in %.3f s", self.id, what, len(done),
                  [p.pid for p in done], seconds)
-        return Suspension(reason, done, seconds, settings.lock_timeout_ms, driver.driver_version(), visible)
+        used = sorted({g for p in done for g in p.gpus})
+        if facts:
+            facts["gpu_models"] = {u: m for u, m in facts["gpu_models"].items() if u in used or u in container_gpus}
+            facts["gpu_count"] = len(container_gpus) or len(used)
+        return Suspension(reason, done, seconds, settings.lock_timeout_ms, driver.driver_version(), visible,
+                          placement=facts)
 
     async def put_back(self, suspension: Suspension, what: str) -> float:
         """Return each suspended process to the state it was found in (running, as a rule), in
@@ -460,6 +501,38 @@ class ContainerGpu:
         log.info("container %s: %s: resumed %d CUDA process(es) in %.3f s", self.id, what,
                  len(suspension.processes), seconds)
         return seconds
+
+    async def plan_restore(self, image_dir: str) -> Optional["Placement"]:
+        """Before ``runc restore``: where the checkpointed CUDA processes go (shim.gpu_placement).
+
+        None where the image holds no CUDA process (no kybernate-gpu.json: the CPU path, nothing
+        loaded). Otherwise the driver is loaded and the decision kept for `resume_restored`; a restore
+        that cannot work raises TTRPCError(FAILED_PRECONDITION) naming both GPU sets, the models and
+        the driver versions."""
+        self.placement = None
+        record = read_record(image_dir) if image_dir else None
+        if not record or not record.get("processes"):
+            return None
+        from cuda_bindings import CudaBindingsError
+
+        from shim import gpu_placement
+
+        settings = self.settings()
+        loader = self._load
+        if loader is load_driver and record.get("libcuda"):
+            loader = lambda pids: load_driver(pids, self.proc, paths=[str(record["libcuda"])])  # noqa: E731
+        try:
+            driver = await asyncio.to_thread(loader, [])
+        except CudaBindingsError as exc:
+            raise TTRPCError(Code.FAILED_PRECONDITION,
+                             f"restore container {self.id}: the checkpoint holds {len(record['processes'])} CUDA "
+                             f"process(es) ({RECORD_NAME}) but the shim cannot use the CUDA driver here: {exc}") from exc
+        host = await asyncio.to_thread(gpu_placement.host_gpus, driver, self.gpus_dir, self.version_file)
+        placement = gpu_placement.decide(self.id, record, gpu_placement.gpu_request(self.spec), host,
+                                         settings.gpu_map)
+        log.info("container %s: GPU placement at restore: %s", self.id, placement.summary())
+        self.placement = placement
+        return placement
 
     async def resume_restored(self, gpu_map: Optional[Mapping] = None, what: str = "restore") -> list[int]:
         """After a restore: resume the CUDA processes the driver reports as locked or checkpointed
@@ -634,15 +707,23 @@ async def _roll_back(container: "Container", gpu: ContainerGpu, suspension: Susp
              len(suspension.processes))
 
 
+async def before_restore(container: "Container") -> Optional["Placement"]:
+    """Before ``runc restore``: the GPU placement of the checkpointed CUDA processes (identity or
+    remap), or TTRPCError(FAILED_PRECONDITION) when they cannot be restored onto the GPUs the new
+    container's spec gives it. Nothing for an image without CUDA processes."""
+    return await of(container).plan_restore(container.restore_from)
+
+
 async def after_restore(container: "Container", gpu_map: Optional[Mapping] = None) -> None:
-    """After ``runc restore``: resume the restored CUDA processes that are not running. On failure the
+    """After ``runc restore``: resume the restored CUDA processes that are not running, with the GPU
+    map `before_restore` decided (else the kybernate.io/gpu-map annotation's). On failure the
     restored task is killed and the error names the process and the CUDA error."""
     gpu = of(container)
     image_dir = container.restore_from
     record = read_record(image_dir) if image_dir else None
     try:
         if gpu_map is None:
-            gpu_map = gpu.settings().gpu_map
+            gpu_map = gpu.placement.gpu_map if gpu.placement is not None else gpu.settings().gpu_map
         resumed = await gpu.resume_restored(gpu_map)
     except BaseException:
         try:

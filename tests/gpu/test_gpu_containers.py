@@ -647,6 +647,84 @@ def test_6_timing_against_the_bare_sequence(env, results):
     timing["resume_2GiB_under_1s"] = last["resume_s"] < 1.0
 
 
+# ---- (7) GPU placement at restore (issue #9): the recorded GPUs read back; identity; refusals -------------------
+DOCTORED_GPU = "GPU-00000000-0000-0000-0000-00000000beef"
+DOCTORED_MODEL = "NVIDIA Doctored Model (kybernate test)"
+
+
+def test_7_gpu_placement_identity_and_refusal(env, results):
+    """A checkpoint (exit, image_path in SCRATCH) leaves kybernate-gpu.json naming the container's GPU
+    (/dev/nvidia0 resolved to its UUID), its model and the driver. Restores through
+    kybernate.io/restore-from: the record doctored to (a) a second, fake GPU and (b) another model is
+    refused with FailedPrecondition before runc restore (no task runs, no CUDA process appears); then
+    (c) the real record: the shim decides "identity" and the count goes on with every byte right."""
+    require_grpc_api()
+    from shim.gpu_placement import host_gpus
+
+    nbytes = 256 * MiB
+    out: dict = {}
+    results["7_gpu_placement"] = out
+    images = SCRATCH / "kyb-placement"
+    shutil.rmtree(images, ignore_errors=True)
+    images.mkdir(parents=True)
+    try:
+        c = GpuContainer(env, "place", nbytes).start()
+        before = ticks(c)
+        out["checkpoint_s"] = grpc_checkpoint(env, c.id, images, exit=True)
+        c.remove()
+        path = images / RECORD_NAME
+        original = path.read_text()
+        record = json.loads(original)
+        host = host_gpus(env.driver)
+        gpu0 = host.by_minor(0)
+        assert gpu0 is not None and gpu0.model, f"/dev/nvidia0 not resolved on this node: {host}"
+        out["record"] = {k: record.get(k) for k in ("container_gpus", "container_gpus_source", "gpu_models",
+                                                     "gpu_count", "driver_release", "driver_version")}
+        assert record["container_gpus"] == [gpu0.uuid] and record["container_gpus_source"] == "linux.devices"
+        assert record["gpu_models"] == {gpu0.uuid: gpu0.model} and record["gpu_count"] == 1
+        assert record["driver_release"] == host.release and record["driver_version"] == env.driver.driver_version()
+        assert [p["gpus"] for p in record["processes"]] == [[gpu0.uuid]]
+
+        doctorings = {
+            "second-gpu": (lambda r: r["container_gpus"].append(DOCTORED_GPU), "2 GPU(s) at checkpoint, 1 now"),
+            "other-model": (lambda r: r["gpu_models"].update({gpu0.uuid: DOCTORED_MODEL}),
+                            f"GPU model {DOCTORED_MODEL!r} at checkpoint, {gpu0.model!r}"),
+        }
+        for name, (change, words) in doctorings.items():
+            doc = json.loads(original)
+            change(doc)
+            path.write_text(json.dumps(doc))
+            refused = GpuContainer(env, f"place-{name}", nbytes)
+            cuda_before = set(vram_mib())
+            res, seconds = timed(refused.ctr, *refused.run_args({RESTORE_ANNOTATION: str(images)}), check=False,
+                                 timeout=120)
+            env.containers.append(refused)
+            err = res.stderr + res.stdout
+            assert res.returncode != 0, f"{name}: the restore was not refused: {err}"
+            assert "GPU placement refused" in err and words in err and gpu0.uuid in err, err
+            assert host.release is None or host.release in err, err
+            assert refused.task()[1] in ("STOPPED", "NONE", "CREATED"), refused.task()
+            assert set(vram_mib()) <= cuda_before, "a CUDA process appeared for a refused restore"
+            out[name] = {"refused_after_s": seconds, "error": err.strip()[-700:]}
+            refused.remove()
+
+        path.write_text(original)
+        r = GpuContainer(env, "place-identity", nbytes)
+        _, restore_s = timed(r.ctr, *r.run_args({RESTORE_ANNOTATION: str(images)}), timeout=240)
+        env.containers.append(r)
+        first = r.wait_tick(0, timeout=60)
+        assert first.n > before[0], (f"the workload started afresh (tick {first.n}, checkpointed at {before[0]}): "
+                                     f"the shim did not restore from {RESTORE_ANNOTATION}")
+        seen = assert_running_intact(r, {0: first.n}, "identity restore", nbytes // MiB)
+        log = env.cd.log_text()
+        assert f"container {r.id}: GPU placement at restore: identity ({gpu0.uuid} -> {gpu0.uuid}" in log
+        out.update(identity_restore_s=restore_s, ticks_before=before[0], first_tick_after_restore=first.n,
+                   ticks_later=seen[0])
+        r.remove()
+    finally:
+        shutil.rmtree(images, ignore_errors=True)
+
+
 # ---- the report ---------------------------------------------------------------------------------------------------
 def render_markdown(r: dict) -> str:
     lines = ["# GPU containers under containerd 1.6 + kybernate (tests/gpu/test_gpu_containers.py)", ""]
@@ -678,6 +756,12 @@ def render_markdown(r: dict) -> str:
         x = r["5_failed_checkpoint"]
         lines.append(f"- (5) checkpoint into a read-only dir failed after {x['failed_after_s']} s; workload running, "
                      f"unlocked, ticks {x['ticks_before']} -> {x['ticks_after']}")
+    if "7_gpu_placement" in r:
+        x = r["7_gpu_placement"]
+        lines.append(f"- (7) GPU placement: record {x.get('record')}; refused (second GPU) after "
+                     f"{x.get('second-gpu', {}).get('refused_after_s')} s, (other model) after "
+                     f"{x.get('other-model', {}).get('refused_after_s')} s; identity restore "
+                     f"{x.get('identity_restore_s')} s, count {x.get('ticks_before')} -> {x.get('first_tick_after_restore')}")
     t = r.get("6_timing")
     if t:
         lines += ["", "## Timing (seconds)", "", "| what | ours (ctr / shim) | bare driver / CRIU |", "| --- | --- | --- |"]

@@ -61,17 +61,31 @@ class FakeCuda:
         self.libs = libs
         self.path = str(libs.full)
 
-    def set_states(self, states: dict[int, int]) -> None:
-        current = self.states()
-        current.update(states)
-        (self.dir / "state").write_text("".join(f"{p} {s}\n" for p, s in current.items()))
-
-    def states(self) -> dict[int, int]:
+    def _rows(self) -> dict[int, list[str]]:
         path = self.dir / "state"
         if not path.exists():
             return {}
-        pairs = [line.split() for line in path.read_text().splitlines() if line.strip()]
-        return {int(p): int(s) for p, s in pairs}
+        rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        return {int(r[0]): r[1:] for r in rows}
+
+    def _write(self, rows: dict[int, list[str]]) -> None:
+        (self.dir / "state").write_text("".join(" ".join([str(p), *r]) + "\n" for p, r in rows.items()))
+
+    def set_states(self, states: dict[int, int], devices: dict[int, list[int]] | None = None) -> None:
+        """Pid -> state; devices (optional): pid -> the device ordinals it uses (kept otherwise)."""
+        rows = self._rows()
+        for pid, state in states.items():
+            rows[pid] = [str(state)] + rows.get(pid, [])[1:]
+        for pid, devs in (devices or {}).items():
+            rows[pid] = rows.get(pid, ["0"])[:1] + [",".join(str(d) for d in devs)]
+        self._write(rows)
+
+    def states(self) -> dict[int, int]:
+        return {p: int(r[0]) for p, r in self._rows().items()}
+
+    def devices(self) -> dict[int, list[int]]:
+        """Pid -> the device ordinals the stand-in has it on (pids listed with devices only)."""
+        return {p: [int(d) for d in r[1].split(",")] for p, r in self._rows().items() if len(r) > 1}
 
     def script(self, *rules: str) -> None:
         (self.dir / "script").write_text("".join(r + "\n" for r in rules))

@@ -6,13 +6,18 @@
  *   FAKECUDA_VERSION  what cuDriverGetVersion reports (default 13000)
  *   FAKECUDA_DEVICES  device count (default 2)
  *   FAKECUDA_INIT     what cuInit returns (default 0)
+ *   FAKECUDA_MODEL    what cuDeviceGetName reports for every device (default "Fake GPU 80GB")
  * Files in FAKECUDA_DIR, re-read at every call so that tests and CLI runs can change them:
- *   state   "PID STATE" lines (0 running, 1 locked, 2 checkpointed, 3 failed); listed pids hold CUDA
+ *   state   "PID STATE [DEVS]" lines (0 running, 1 locked, 2 checkpointed, 3 failed); listed pids hold
+ *           CUDA. DEVS (optional): the device ordinals the process uses, "0,1". Where given, a restore
+ *           with GPU pairs must name every one of them as an old UUID (as the driver wants every
+ *           checkpointed GPU in the pairs) and moves the process to the new ones; a restore without
+ *           pairs fails with INVALID_DEVICE when one of them is not a device here (FAKECUDA_DEVICES).
  *   script  rules, one a line:
  *             fail CALL PID|* CODE [TIMES]   return CODE (TIMES times, default always)
  *             sleep CALL PID|* MS            sleep MS milliseconds at entry (proves parallelism)
  *             noproc CODE                    answer for pids not in state (default 500 NOT_FOUND)
- *           CALL: init state lock checkpoint restore unlock tid devcount deviceget uuid
+ *           CALL: init state lock checkpoint restore unlock tid devcount deviceget uuid name
  *   log     appended by us: "CALL PID RC T0_NS T1_NS DETAIL" (CLOCK_MONOTONIC, as Python's
  *           time.monotonic_ns)
  * Build with -DFAKECUDA_NO_CHECKPOINT for a driver that predates the checkpoint API.
@@ -220,15 +225,31 @@ CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice dev) {
 
 CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice dev) { return cuDeviceGetUuid_v2(uuid, dev); }
 
+CUresult cuDeviceGetName(char *name, int len, CUdevice dev) {
+  const char *model = getenv("FAKECUDA_MODEL");
+  int rc = enter("name", dev, NULL);
+  if (!rc && (!name || len <= 0)) rc = INVALID_VALUE;
+  if (!rc && !initialized) rc = NOT_INITIALIZED;
+  if (!rc && (dev < 0 || dev >= env_int("FAKECUDA_DEVICES", 2))) rc = INVALID_DEVICE;
+  if (!rc) snprintf(name, len, "%s", model && *model ? model : "Fake GPU 80GB");
+  return rc;
+}
+
 #ifndef FAKECUDA_NO_CHECKPOINT
-/* state file <-> arrays */
+/* state file <-> arrays; devs[i] is the optional third column ("" when absent) */
+#define DEVS_LEN 64
+static char devs[MAX_PIDS][DEVS_LEN];
+
 static int load_states(int *pids, int *states) {
-  char path[4096];
+  char path[4096], line[256];
   int n = 0;
   if (!dir_path(path, sizeof path, "state")) return 0;
   FILE *f = fopen(path, "r");
   if (!f) return 0;
-  while (n < MAX_PIDS && fscanf(f, "%d %d", &pids[n], &states[n]) == 2) n++;
+  while (n < MAX_PIDS && fgets(line, sizeof line, f)) {
+    devs[n][0] = 0;
+    if (sscanf(line, "%d %d %63s", &pids[n], &states[n], devs[n]) >= 2) n++;
+  }
   fclose(f);
   return n;
 }
@@ -239,9 +260,46 @@ static void save_states(const int *pids, const int *states, int n) {
   snprintf(tmp, sizeof tmp, "%s.%d.%ld", path, getpid(), (long)pthread_self());
   FILE *f = fopen(tmp, "w");
   if (!f) return;
-  for (int i = 0; i < n; i++) fprintf(f, "%d %d\n", pids[i], states[i]);
+  for (int i = 0; i < n; i++)
+    fprintf(f, devs[i][0] ? "%d %d %s\n" : "%d %d\n", pids[i], states[i], devs[i]);
   fclose(f);
   rename(tmp, path);
+}
+
+/* The ordinal whose fake UUID is `raw`, or -1. */
+static int device_of(const char raw[16]) {
+  char want[16];
+  for (int d = 0; d < env_int("FAKECUDA_DEVICES", 2); d++) {
+    fake_uuid(d, want);
+    if (!memcmp(want, raw, 16)) return d;
+  }
+  return -1;
+}
+
+/* A restore of process i: its devices (if the state file lists them) against the GPU pairs.
+ * Returns a CUresult; on success rewrites devs[i] to where the process now is. Called under mu. */
+static int remap_devices(int i, const CUcheckpointRestoreArgs *args) {
+  char out[DEVS_LEN] = "", copy[DEVS_LEN];
+  int len = 0;
+  if (!devs[i][0]) return SUCCESS;
+  snprintf(copy, sizeof copy, "%s", devs[i]);
+  for (char *save = NULL, *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+    int dev = atoi(tok), to = dev;
+    if (args && args->gpuPairsCount) {
+      char want[16];
+      unsigned k;
+      fake_uuid(dev, want);
+      for (k = 0; k < args->gpuPairsCount && memcmp(args->gpuPairs[k].oldUuid.bytes, want, 16); k++) {}
+      if (k == args->gpuPairsCount) return INVALID_VALUE;  /* a checkpointed GPU missing from the pairs */
+      to = device_of(args->gpuPairs[k].newUuid.bytes);
+      if (to < 0) return INVALID_DEVICE;
+    } else if (dev >= env_int("FAKECUDA_DEVICES", 2)) {
+      return INVALID_DEVICE;  /* the GPU it was checkpointed on is not here */
+    }
+    len += snprintf(out + len, sizeof out - len, "%s%d", len ? "," : "", to);
+  }
+  snprintf(devs[i], DEVS_LEN, "%s", out);
+  return SUCCESS;
 }
 
 static int all_zero(const void *p, size_t n) {
@@ -250,9 +308,10 @@ static int all_zero(const void *p, size_t n) {
   return 1;
 }
 
-/* One state-machine step: pid must be in `from`; moves it to `to` (to < 0: leave as is). */
-static int step(const char *call, int pid, int from, int to, int *state_out, const char *detail,
-                int precheck) {
+/* One state-machine step: pid must be in `from`; moves it to `to` (to < 0: leave as is). restore:
+ * the restore's arguments (its devices are checked and moved), NULL for the other calls. */
+static int step_args(const char *call, int pid, int from, int to, int *state_out, const char *detail,
+                     int precheck, int is_restore, const CUcheckpointRestoreArgs *restore) {
   long long t0 = now_ns();
   int noproc, rc = enter(call, pid, &noproc);
   int pids[MAX_PIDS], states[MAX_PIDS];
@@ -263,6 +322,7 @@ static int step(const char *call, int pid, int from, int to, int *state_out, con
     for (i = 0; i < n && pids[i] != pid; i++) {}
     if (i == n) rc = noproc;
     else if (from >= 0 && states[i] != from) rc = ILLEGAL_STATE;
+    else if (is_restore && (rc = remap_devices(i, restore))) {}
     else {
       if (state_out) *state_out = states[i];
       if (to >= 0) { states[i] = to; save_states(pids, states, n); }
@@ -271,6 +331,11 @@ static int step(const char *call, int pid, int from, int to, int *state_out, con
   }
   log_call(call, pid, rc, t0, detail);
   return rc;
+}
+
+static int step(const char *call, int pid, int from, int to, int *state_out, const char *detail,
+                int precheck) {
+  return step_args(call, pid, from, to, state_out, detail, precheck, 0, NULL);
 }
 
 CUresult cuCheckpointProcessGetState(int pid, CUprocessState *state) {
@@ -330,8 +395,8 @@ CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args) {
         len += snprintf(detail + len, sizeof detail - len, "%02x", (unsigned char)p->newUuid.bytes[b]);
     }
   }
-  return step("restore", pid, CU_PROCESS_STATE_CHECKPOINTED, CU_PROCESS_STATE_LOCKED, NULL, detail,
-              bad);
+  return step_args("restore", pid, CU_PROCESS_STATE_CHECKPOINTED, CU_PROCESS_STATE_LOCKED, NULL, detail,
+                   bad, 1, args);
 }
 
 CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args) {
