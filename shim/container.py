@@ -96,6 +96,7 @@ class Container:
         self.cgroup = None
         self.oom_watcher = None
         self.restore_from: str = ""  # checkpoint image dir when created from a checkpoint
+        self.checkpoint_settings = lifecycle.CheckpointSettings({}, None)  # set by create (annotations, options)
         self.parent_checkpoint: str = ""
         self.own_pid_namespace = _uses_pid_namespace(spec)
 
@@ -128,6 +129,9 @@ class Container:
         _write_state(bundle, {"binary": choice.binary, "root": root, "systemd_cgroup": options.systemd_cgroup,
                               "criu_path": options.criu_path, "reason": choice.reason, "options": options.source})
 
+        # checkpoint settings, restore source (checked), CRIU config: before anything is created
+        settings, restore_image = lifecycle.prepare_create(req, spec, options, bundle)
+
         rootfs = ""
         mounted = False
         if len(req.rootfs):
@@ -140,12 +144,13 @@ class Container:
                 raise TTRPCError(Code.UNKNOWN, f"create container {cid}: mount rootfs: {exc}") from exc
 
         c = cls(cid, bundle, namespace, runtime, choice, spec, rootfs if mounted else "", options, reaper)
+        c.checkpoint_settings = settings
         paths = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
         init = InitProcess(cid, cid, paths)
         c.init = init
         try:
-            if req.checkpoint:
-                c.restore_from = req.checkpoint
+            if restore_image:
+                c.restore_from = restore_image
                 c.parent_checkpoint = req.parent_checkpoint
                 init.state = State.CREATED_CHECKPOINT  # the runtime restores it on Start (lifecycle.restore)
             else:
@@ -413,11 +418,12 @@ class Container:
                     pass
             raise runtime_error(exc, f"list processes of container {self.id}") from exc
 
-    async def checkpoint(self, request) -> None:
+    async def checkpoint(self, request) -> str:
+        """Returns the checkpoint's image dir."""
         p = self.init
         assert p is not None
         p.check(Op.CHECKPOINT)
-        await lifecycle.checkpoint(self, request)
+        return await lifecycle.checkpoint(self, request)
 
     async def kill_all(self) -> None:
         """SIGKILL everything left in the container (init exited and no pid namespace of its own)."""

@@ -366,7 +366,8 @@ class TaskService:
     async def checkpoint(self, ctx, req):
         c = self._get(req.id)
         async with c.lock:
-            await c.checkpoint(req)
+            image = await c.checkpoint(req)
+        self._publish(ev.TaskCheckpointed(container_id=c.id, checkpoint=image))
         return EMPTY
 
     @rpc

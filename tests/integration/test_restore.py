@@ -1,0 +1,149 @@
+"""Restore through the kybernate shim (containerd 1.6, 1.7, 2.1): a container whose spec carries the
+annotation kybernate.io/restore-from=DIR or the process env RESTORE_FROM=DIR is restored from that
+CRIU image on Create (the Kubernetes way: kubelet only creates containers); never the CRI sandbox.
+A bad image is refused before anything is created, and a restore that CRIU fails leaves nothing.
+(containerd's own `ctr c restore --live` flow is in test_checkpoint.py.)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import grpc
+import pytest
+
+from .checkpoint_support import (RESTORE_ANNOTATION, api_checkpoint, api_create_task, bundle_dir, counting_past,
+                                 leftovers_of, log_counts, mounts_under, read_count, remove, run_counter,
+                                 task_status, wait_until)
+from .harness import KYBERNATE_RUNTIME
+
+
+@pytest.fixture
+def counter_image(containerd, container_id, tmp_path):
+    """A checkpoint (with exit) of a counter: (image dir, last value in its stdout log)."""
+    cd = containerd
+    src = f"{container_id}-src"
+    log = tmp_path / "src.log"
+    run_counter(cd, src, KYBERNATE_RUNTIME, log=log)
+    try:
+        assert counting_past(cd, src, 3) is not None
+        image = tmp_path / "image"
+        api_checkpoint(cd, src, image_path=str(image), exit=True)
+        assert wait_until(lambda: task_status(cd, src) == "STOPPED", 10)
+        yield image, log_counts(log)[-1]
+    finally:
+        remove(cd, src)
+
+
+@pytest.mark.parametrize("how", ["annotation", "env"])
+def test_restore_on_create(containerd, container_id, counter_image, tmp_path, how):
+    cd, cid = containerd, container_id
+    image, last_before = counter_image
+    flag = (["--annotation", f"{RESTORE_ANNOTATION}={image}"] if how == "annotation"
+            else ["--env", f"RESTORE_FROM={image}"])
+    log = tmp_path / "restored.log"
+    run_counter(cd, cid, KYBERNATE_RUNTIME, *flag, log=log)
+    first_after = wait_until(lambda: (log_counts(log) or [None])[0], 10)
+    # the restored process writes to the new task's stdout, and goes on from where it was
+    assert first_after == last_before + 1, (last_before, log.read_text()[:200])
+    assert counting_past(cd, cid, first_after, 10) is not None
+    assert task_status(cd, cid) == "RUNNING"
+
+
+def test_cri_sandbox_is_never_restored(containerd, container_id, counter_image, tmp_path):
+    """A pod annotation reaches the sandbox container too; the sandbox starts fresh."""
+    cd, cid = containerd, container_id
+    image, _ = counter_image
+    log = tmp_path / "sandbox.log"
+    run_counter(cd, cid, KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={image}",
+                "--annotation", "io.kubernetes.cri.container-type=sandbox", log=log)
+    assert wait_until(lambda: log_counts(log), 10)
+    assert log_counts(log)[0] == 1, "the sandbox was restored instead of started"
+
+
+def _bad_image(kind: str, tmp_path, good=None):
+    d = tmp_path / f"bad-{kind}"
+    if kind == "missing":
+        return d, "does not exist"
+    d.mkdir()
+    if kind == "empty":
+        return d, "is empty"
+    if kind == "corrupt":
+        (d / "inventory.img").write_bytes(b"\x00" * 64)
+        (d / "pstree.img").write_bytes(b"\x00" * 64)
+        return d, "corrupt"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt"])
+def test_restore_from_a_bad_image_is_refused_and_leaves_nothing(containerd, container_id, tmp_path, kind):
+    cd, cid = containerd, container_id
+    image, words = _bad_image(kind, tmp_path)
+    r = cd.ctr("run", "-d", "--runtime", KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={image}",
+               "docker.io/kybernate/busybox:test", cid, "sleep", "60", check=False)
+    assert r.returncode != 0
+    assert f"restore container {cid}" in r.stderr and str(image) in r.stderr and words in r.stderr, r.stderr
+    assert wait_until(lambda: leftovers_of(cd, cid) == [], 10), leftovers_of(cd, cid)
+    assert not bundle_dir(cd, cid).exists() or not mounts_under(bundle_dir(cd, cid) / "rootfs")
+    if kind == "missing":
+        assert not image.exists()
+    # the gRPC code, through containerd's Tasks API (ctr of 2.1 does not print it)
+    with pytest.raises(grpc.RpcError) as refused:
+        api_create_task(cd, cid)
+    want = grpc.StatusCode.INVALID_ARGUMENT if kind == "missing" else grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.code() == want, (refused.value.code(), refused.value.details())
+    assert wait_until(lambda: leftovers_of(cd, cid) == [], 10), leftovers_of(cd, cid)
+
+
+def test_restore_that_criu_fails_leaves_nothing(containerd, container_id, counter_image, tmp_path):
+    """An image that passes the checks but whose memory pages are gone: CRIU fails the restore; the
+    error quotes CRIU's log; no process, runc state, cgroup or mount is left, and the task goes away
+    with an ordinary delete."""
+    cd, cid = containerd, container_id
+    image, _ = counter_image
+    damaged = tmp_path / "damaged"
+    shutil.copytree(image, damaged)
+    for pages in damaged.glob("pages-*.img"):
+        pages.unlink()
+    r = cd.ctr("run", "-d", "--runtime", KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={damaged}",
+               "docker.io/kybernate/busybox:test", cid, "sh", "-c", "echo fresh", check=False)
+    assert r.returncode != 0
+    assert f"restore container {cid}" in r.stderr and "CRIU restore failed" in r.stderr, r.stderr
+    # containerd still has the (stopped) task, and so its shim; nothing else is left
+    assert task_status(cd, cid) == "STOPPED", cd.ctr("tasks", "ls").stdout
+    left = [x for x in leftovers_of(cd, cid, shims=False) if not x.startswith("task ")]
+    assert left == [], left
+    cd.ctr("tasks", "delete", cid)
+    cd.ctr("containers", "delete", cid)
+    assert wait_until(lambda: leftovers_of(cd, cid) == [], 10), leftovers_of(cd, cid)
+    assert not bundle_dir(cd, cid).exists()
+
+
+def test_restore_of_a_terminal_task_gets_the_new_console(containerd, container_id, tmp_path):
+    """`ctr run -d -t`: the restored process writes to the new task's console (a pty the shim got
+    through runc's console socket), not to the old one."""
+    from .checkpoint_support import task_pid
+    from .test_shim_ctr import run_in_pty
+
+    cd, cid = containerd, container_id
+    ctr = [str(cd.install.ctr), "--address", cd.address, "--namespace", cd.namespace]
+    counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; echo $i; sleep 0.1; done"
+    rc, out = run_in_pty(ctr + ["run", "-d", "-t", "--runtime", KYBERNATE_RUNTIME, "docker.io/kybernate/busybox:test",
+                                cid, "sh", "-c", counter], cd.env, 30)
+    assert rc == 0, out
+    assert counting_past(cd, cid, 3) is not None
+    image = tmp_path / "image"
+    api_checkpoint(cd, cid, image_path=str(image), exit=True)
+    assert wait_until(lambda: task_status(cd, cid) == "STOPPED", 10)
+    before = read_count(cd, cid)
+    remove(cd, cid)
+    rc, out = run_in_pty(ctr + ["run", "-d", "-t", "--runtime", KYBERNATE_RUNTIME,
+                                "--annotation", f"{RESTORE_ANNOTATION}={image}", "docker.io/kybernate/busybox:test",
+                                cid, "sh", "-c", counter], cd.env, 30)
+    assert rc == 0, out
+    after = counting_past(cd, cid, before)
+    assert after is not None and after <= before + 20, (before, after)
+    pid = task_pid(cd, cid)
+    assert os.readlink(f"/proc/{pid}/fd/1").startswith("/dev/pts/"), os.readlink(f"/proc/{pid}/fd/1")
+    # the console works: the shim still copies from it (a full, undrained pty would stop the counter)
+    assert counting_past(cd, cid, after + 10, 10) is not None
