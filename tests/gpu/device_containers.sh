@@ -30,7 +30,7 @@ fi
 
 export KYB_GPU_OUT=$OUT
 LEFT=$(( 530 - $(elapsed) ))
-timeout -k 10 "$LEFT" python3 -m pytest -v -rA -p no:cacheprovider tests/gpu/test_gpu_containers.py \
+timeout -k 10 "$LEFT" python3 -m pytest -v -rA -p no:cacheprovider tests/gpu/test_gpu_containers.py ${KYB_GPU_PYTEST_ARGS:-} \
   > "$OUT/gpu_containers.log" 2>&1
 echo "gpu containers rc=$? at $(elapsed)s"
 grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_containers.log" | tail -20

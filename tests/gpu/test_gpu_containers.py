@@ -503,29 +503,38 @@ def test_4_two_cuda_processes_checkpoint_and_restore_together(env, results):
 
 # ---- (5) a checkpoint that fails leaves the workload running, unlocked ---------------------------------------------
 def test_5_failed_checkpoint_resumes_the_workload(env, results):
+    """Two ways a checkpoint fails. A read-only image dir is refused before any CUDA process is touched
+    (the shim cannot even clear the image's completion mark there). A 1 MiB image dir makes CRIU itself
+    fail mid-dump (no space for 1 GiB of pages) after the CUDA processes were suspended: the rollback
+    must resume them and thaw the task."""
     require_grpc_api()
     c = GpuContainer(env, "ck-fail", 1 * GiB).start()
     before = ticks(c)
     pid = c.cuda_pids()[0]
-    ro = env.workdir / "read-only-images"
-    ro.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
-    try:
-        t0 = time.perf_counter()
-        with pytest.raises(Exception) as info:
-            grpc_checkpoint(env, c.id, ro, exit=False, timeout=120)
-        failed_after = round(time.perf_counter() - t0, 4)
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)
-    message = getattr(info.value, "details", lambda: str(info.value))()
-    assert "checkpoint" in message.lower(), message
-    assert state_of(env.driver, pid) == "running"  # unlocked: driver state 0
-    seen = assert_running_intact(c, before, "after the failed checkpoint", 1024)
-    assert c.cuda_pids() == [pid]
+    outcomes = {}
+    for label, mount_opts in (("read_only", "ro,size=1m"), ("no_space", "rw,size=1m")):
+        target = env.workdir / f"images-{label}"
+        target.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", mount_opts, "tmpfs", str(target)], check=True)
+        try:
+            t0 = time.perf_counter()
+            with pytest.raises(Exception) as info:
+                grpc_checkpoint(env, c.id, target, exit=False, timeout=120)
+            failed_after = round(time.perf_counter() - t0, 4)
+        finally:
+            subprocess.run(["umount", str(target)], check=False)
+        message = getattr(info.value, "details", lambda: str(info.value))()
+        assert "checkpoint" in message.lower() and c.id in message, message
+        assert state_of(env.driver, pid) == "running"  # unlocked: driver state 0
+        seen = assert_running_intact(c, before, f"after the failed checkpoint ({label})", 1024)
+        before = seen
+        assert c.cuda_pids() == [pid]
+        outcomes[label] = {"error": message[:600], "failed_after_s": failed_after, "ticks_after": seen[0]}
     log = env.cd.log_text()
+    # Only the CRIU failure got as far as suspending the CUDA process: its rollback says so.
     assert f"container {c.id}: checkpoint failed; its 1 CUDA process(es) were resumed" in log
-    results["5_failed_checkpoint"] = {"error": message[:600], "failed_after_s": failed_after,
-                                      "ticks_before": before[0], "ticks_after": seen[0]}
+    assert "No space left on device" in outcomes["no_space"]["error"] or "CRIU" in outcomes["no_space"]["error"], outcomes
+    results["5_failed_checkpoint"] = outcomes
     c.remove()
 
 
@@ -754,8 +763,10 @@ def render_markdown(r: dict) -> str:
                      f"both continue ({x['before']} -> {x['ticks_later']})")
     if "5_failed_checkpoint" in r:
         x = r["5_failed_checkpoint"]
-        lines.append(f"- (5) checkpoint into a read-only dir failed after {x['failed_after_s']} s; workload running, "
-                     f"unlocked, ticks {x['ticks_before']} -> {x['ticks_after']}")
+        for label, y in x.items():
+            lines.append(f"- (5) checkpoint into a {label.replace('_', '-')} image dir failed after "
+                         f"{y['failed_after_s']} s; workload running, unlocked, ticks on to {y['ticks_after']}: "
+                         f"{y['error'][:160]}")
     if "7_gpu_placement" in r:
         x = r["7_gpu_placement"]
         lines.append(f"- (7) GPU placement: record {x.get('record')}; refused (second GPU) after "
