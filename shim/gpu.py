@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterable, Mapping, Op
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
+from shim.gpu_placement import NVIDIA_GPUS, NVIDIA_VERSION, read_proc_gpus
 from shim.process import State
 from shim.runtime import RuntimeCommandError
 
@@ -60,8 +61,6 @@ RECORD_NAME = "kybernate-gpu.json"
 RECORD_FORMAT = 1
 
 PROC = Path("/proc")
-NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one dir per GPU: "information" has UUID and minor
-NVIDIA_VERSION = Path("/proc/driver/nvidia/version")  # the kernel module's version
 NVIDIA_MAJOR = 195  # /dev/nvidia<minor> (GPUs), nvidiactl (255), nvidia-modeset (254)
 NVIDIA_CONTROL_MINORS = frozenset({254, 255})
 LIBCUDA_NAME = b"libcuda.so"
@@ -112,26 +111,7 @@ def gpu_minors(pid: int, proc: Path = PROC) -> set[int]:
 
 def gpu_uuids_by_minor(gpus_dir: Path = NVIDIA_GPUS) -> dict[int, str]:
     """Device minor -> UUID, from the driver's /proc/driver/nvidia/gpus/*/information."""
-    out: dict[int, str] = {}
-    try:
-        entries = sorted(gpus_dir.iterdir())
-    except OSError:
-        return out
-    for entry in entries:
-        try:
-            text = (entry / "information").read_text()
-        except OSError:
-            continue
-        fields = {}
-        for line in text.splitlines():
-            key, sep, value = line.partition(":")
-            if sep:
-                fields[key.strip()] = value.strip()
-        try:
-            out[int(fields["Device Minor"])] = fields["GPU UUID"]
-        except (KeyError, ValueError):
-            continue
-    return out
+    return {gpu["minor"]: gpu["uuid"] for gpu in read_proc_gpus(gpus_dir) if gpu["minor"] is not None}
 
 
 # ---- settings from the bundle's annotations -------------------------------------------------------
