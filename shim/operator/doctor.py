@@ -9,7 +9,10 @@ What counts for what:
   CPU checkpoint: an OCI runtime (runc), CRIU >= 4 that passes `criu check`, a freezer (containerd
                   pauses a task around a checkpoint).
   GPU checkpoint: CPU ready, plus libcuda with the driver checkpoint API (cuCheckpointProcess*, driver
-                  API 12.8+), CRIU's cuda_plugin.so, nvidia-container-runtime (gives containers their GPUs).
+                  API 12.8+). The shim checkpoints CUDA state itself before CRIU runs, so CRIU's
+                  cuda_plugin.so is reported but not required. nvidia-container-runtime is what gives
+                  containers their GPUs: its absence is a warning (a bundle that already carries the
+                  /dev/nvidia* devices and driver mounts runs with BinaryName or KYBERNATE_RUNTIME).
   containerd:     containerd found, our runtime declared in its config.toml (for Kubernetes), the shim
                   binary on containerd's PATH. Not needed for a checkpoint as such, so not in the exit code.
 """
@@ -224,9 +227,10 @@ def check_runc(env: DoctorEnv) -> Check:
 def check_nvidia_runtime(env: DoctorEnv) -> Check:
     path = env.which("nvidia-container-runtime")
     if not path:
-        return Check("nvidia-container-runtime", FAIL, "not installed: containers cannot be given GPUs",
-                     "install the NVIDIA Container Toolkit (nvidia-container-toolkit)", (GPU,),
-                     "nvidia-container-runtime not installed")
+        return Check("nvidia-container-runtime", WARN,
+                     "not installed: GPU bundles need their devices and driver mounts in the spec already, "
+                     "and runtime options BinaryName (or KYBERNATE_RUNTIME) naming runc",
+                     "install the NVIDIA Container Toolkit (nvidia-container-toolkit)")
     return Check("nvidia-container-runtime", PASS, path)
 
 
@@ -282,9 +286,9 @@ def check_criu_plugins(env: DoctorEnv, criu_path: Optional[str]) -> Check:
     found = [d for d in dirs if os.path.isfile(os.path.join(d, "cuda_plugin.so"))]
     where = f"CRIU's default plugin dir {default}" if default else "CRIU's default plugin dir unknown"
     if not found:
-        return Check("CRIU CUDA plugin", FAIL, f"cuda_plugin.so not in {', '.join(dirs)} ({where})",
-                     "build it: scripts/build-criu.sh installs /usr/local/lib/criu/cuda_plugin.so", (GPU,),
-                     "CRIU's cuda_plugin.so not found")
+        return Check("CRIU CUDA plugin", INFO, f"cuda_plugin.so not in {', '.join(dirs)} ({where}); not "
+                     "needed: the shim checkpoints CUDA state before CRIU runs",
+                     "optional: scripts/build-criu.sh installs /usr/local/lib/criu/cuda_plugin.so")
     note = "" if default and found[0] == default else \
         f"; not in {where}, so the shim must hand CRIU libdir {found[0]}"
     return Check("CRIU CUDA plugin", PASS, f"{found[0]}/cuda_plugin.so{note}")
