@@ -83,7 +83,7 @@ def write_runc_criu_config(path: str | os.PathLike, *, plugin_dir: Optional[str 
                            extra_options: Iterable[Option] = ()) -> Path:
     """Write the file atomically (runc/CRIU may read it while a previous task's write is replaced)."""
     path = Path(path)
-    _atomic_write(path, render_criu_config(plugin_dir=plugin_dir, log_file=log_file,
+    atomic_write_text(path, render_criu_config(plugin_dir=plugin_dir, log_file=log_file,
                                            extra_options=extra_options))
     return path
 
@@ -134,12 +134,13 @@ def annotate_bundle(bundle: str | os.PathLike, config_path: Optional[str | os.Pa
     spec_path = Path(bundle) / "config.json"
     spec = json.loads(spec_path.read_text())
     set_criu_config_annotation(spec, config_path)
-    _atomic_write(spec_path, json.dumps(spec, indent=None, separators=(",", ":")),
+    atomic_write_text(spec_path, json.dumps(spec, indent=None, separators=(",", ":")),
                   mode=spec_path.stat().st_mode & 0o7777)
     return spec_path
 
 
-def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write through a temp file and rename, so a reader (runc, CRIU, a restore) never sees half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

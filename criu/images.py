@@ -16,12 +16,12 @@ import os
 import shutil
 import stat
 import struct
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .config import atomic_write_text
 from .errors import CriuImageError
 
 IMG_COMMON_MAGIC = 0x54564319
@@ -119,20 +119,7 @@ def mark_complete(directory: str | os.PathLike, meta: Optional[Mapping[str, Any]
     doc = {"version": MARKER_VERSION, "completed_at": time.time(), "stats": asdict(stats),
            "meta": dict(meta or {})}
     target = d / COMPLETE_MARKER
-    fd, tmp = tempfile.mkstemp(prefix=f".{COMPLETE_MARKER}.", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_text(target, json.dumps(doc, sort_keys=True))
     return target
 
 

@@ -15,7 +15,7 @@ import struct
 import tempfile
 import termios
 
-from shim.io import IOSetupError, Pump, StdioPaths, _close, _strip_scheme
+from shim.io import IOSetupError, Pump, StdioPaths, _close, _strip_scheme, wait_pumps
 
 
 class ConsoleSocket:
@@ -105,11 +105,7 @@ class Console:
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
     async def wait_drained(self, timeout: float) -> bool:
-        pending = [p.done for p in self.pumps if not p.done.done()]
-        if not pending:
-            return True
-        done, _ = await asyncio.wait(pending, timeout=timeout)
-        return len(done) == len(pending)
+        return await wait_pumps(self.pumps, timeout)
 
     def close_stdin(self) -> None:
         fd, self._stdin_keepalive = self._stdin_keepalive, None

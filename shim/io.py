@@ -148,6 +148,15 @@ def _close(fd: int | None) -> None:
         pass
 
 
+async def wait_pumps(pumps, timeout: float) -> bool:
+    """True once every pump has copied its source to EOF (pipes and consoles alike); False on timeout."""
+    pending = [p.done for p in pumps if not p.done.done()]
+    if not pending:
+        return True
+    done, _ = await asyncio.wait(pending, timeout=timeout)
+    return len(done) == len(pending)
+
+
 def _is_fifo(path: str) -> bool:
     try:
         return stat.S_ISFIFO(os.stat(path).st_mode)
@@ -341,11 +350,7 @@ class ProcessIO:
 
     async def wait_drained(self, timeout: float) -> bool:
         """Wait until the process's stdout/stderr reached EOF and were copied out; False on timeout."""
-        pending = [p.done for p in self.pumps if not p.done.done()]
-        if not pending:
-            return True
-        done, _ = await asyncio.wait(pending, timeout=timeout)
-        return len(done) == len(pending)
+        return await wait_pumps(self.pumps, timeout)
 
     @property
     def drained(self) -> bool:
