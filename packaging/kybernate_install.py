@@ -567,7 +567,7 @@ def install_venv(opts: Options, rep: Reporter) -> None:
     state = _read_state(opts.prefix)
     vpython = venv / "bin" / "python"
     healthy = vpython.exists() and (venv / "bin" / SHIM_BINARY).exists() and subprocess.run(
-        [str(vpython), "-c", "import shim.cli"], capture_output=True).returncode == 0
+        [str(vpython), "-c", "import shim.binary.cli"], capture_output=True).returncode == 0
     if healthy and state.get("fingerprint") == fingerprint and not opts.force_reinstall:
         rep.same(f"venv {venv} has {PACKAGE} {state.get('version', '?')} from {source}")
         return

@@ -1,7 +1,7 @@
 """Just enough protobuf wire format for `start`, `delete` and `-info`, which must not import protobuf.
 
 They run on every ``ctr run``; importing the protobuf runtime costs tens of milliseconds there. They
-read runtime options (`shim.options`) and write a DeleteResponse or a RuntimeInfo: a few varints and
+read runtime options (`shim.runtime.options`) and write a DeleteResponse or a RuntimeInfo: a few varints and
 length-delimited fields.
 """
 from __future__ import annotations

@@ -69,7 +69,7 @@ for line in open("/proc/self/maps"):
   mkdir -p "$venv/bin" || return 1
   cat > "$venv/bin/containerd-shim-kybernate-v1" <<EOF
 #!/bin/sh
-${libcuda:+KYBERNATE_LIBCUDA="$libcuda" }PYTHONPATH="$repo:$site\${PYTHONPATH:+:\$PYTHONPATH}" exec $py -c 'import sys; from shim.cli import main; sys.exit(main())' "\$@"
+${libcuda:+KYBERNATE_LIBCUDA="$libcuda" }PYTHONPATH="$repo:$site\${PYTHONPATH:+:\$PYTHONPATH}" exec $py -c 'import sys; from shim.binary.cli import main; sys.exit(main())' "\$@"
 EOF
   cat > "$venv/bin/python" <<EOF
 #!/bin/sh

@@ -36,7 +36,7 @@ from typing import Optional
 
 import pytest
 
-from shim.gpu import RECORD_NAME, mapped_libcuda
+from shim.gpu.lifecycle import RECORD_NAME, mapped_libcuda
 from tests.integration.harness import KYBERNATE_RUNTIME, SHIM_BINARY, Containerd, unavailable_reason
 
 GiB = 1 << 30
@@ -387,8 +387,8 @@ def grpc_checkpoint(env: GpuEnv, cid: str, image_dir: Path, exit: bool, timeout:
     sends): the CRIU image goes straight to image_dir, containerd's content store is skipped."""
     require_grpc_api()
     import grpc
-    from shim.operator.checkpoint import _duplicate_scratch_blob
-    from shim.operator.containerd_api import Containerd as Api
+    from kybernate.checkpoint import _duplicate_scratch_blob
+    from kybernate.containerd_api import Containerd as Api
     from proto.anyutil import pack
     from proto.containerd.runc.v1 import options_pb2
 
@@ -668,7 +668,7 @@ def test_7_gpu_placement_identity_and_refusal(env, results):
     refused with FailedPrecondition before runc restore (no task runs, no CUDA process appears); then
     (c) the real record: the shim decides "identity" and the count goes on with every byte right."""
     require_grpc_api()
-    from shim.gpu_placement import host_gpus
+    from shim.gpu.placement import host_gpus
 
     nbytes = 256 * MiB
     out: dict = {}

@@ -135,7 +135,7 @@ def checkpoint_options(**fields):
 def api_checkpoint(cd: Containerd, cid: str, timeout: float = 120, **fields) -> None:
     """Tasks.Checkpoint with CheckpointOptions(**fields), without pausing the task first (ctr pauses).
     Raises grpc.RpcError on failure."""
-    from shim.operator.containerd_api import Containerd as Api
+    from kybernate.containerd_api import Containerd as Api
 
     with Api(cd.address) as api:
         api.checkpoint(cd.namespace, cid, checkpoint_options(**fields), timeout=timeout)
@@ -146,7 +146,7 @@ def api_create_task(cd: Containerd, cid: str, timeout: float = 60) -> None:
     no Create: CreateTaskRequest{container_id = 1} is encoded here). Raises grpc.RpcError."""
     import grpc
 
-    from shim.operator.containerd_api import NAMESPACE_METADATA, target
+    from kybernate.containerd_api import NAMESPACE_METADATA, target
 
     raw = cid.encode()
     request = b"\x0a" + bytes([len(raw)]) + raw

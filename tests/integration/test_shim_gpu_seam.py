@@ -1,4 +1,4 @@
-"""shim.gpu inside the real shim, under containerd, without a GPU.
+"""shim.gpu.lifecycle inside the real shim, under containerd, without a GPU.
 
 - A CPU-only container (busybox) is checkpointed, paused and resumed through ctr: the shim takes the
   CPU path and never loads the driver (no cffi, no libcuda in the shim's memory map).

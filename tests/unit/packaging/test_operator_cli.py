@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from shim.operator import OperatorError, containerd_config, doctor
-from shim.operator.checkpoint import Progress, Target, human, parse_target, tree_size
-from shim.operator.containerd_api import _namespace_names, target as grpc_target
-from shim.operator.ps import Row, _cuda_cell, nvidia_smi_usage, pod_of, render
+from kybernate import OperatorError, containerd_config, doctor
+from kybernate.checkpoint import Progress, Target, human, parse_target, tree_size
+from kybernate.containerd_api import _namespace_names, target as grpc_target
+from kybernate.ps import Row, _cuda_cell, nvidia_smi_usage, pod_of, render
 
 from installer_module import PACKAGING, load
 
@@ -31,7 +31,7 @@ def script(path: Path, body: str) -> Path:
 
 # ---- the command line ------------------------------------------------------------------------------
 def test_help_imports_neither_grpc_protobuf_nor_cffi():
-    code = ("import sys\nfrom shim.operator_cli import main\n"
+    code = ("import sys\nfrom kybernate.cli import main\n"
             "for argv in (['--help'], ['doctor', '--help'], ['checkpoint', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'google', 'cffi', 'psutil', 'proto'}))")
@@ -68,13 +68,13 @@ def test_parse_target_refuses(bad):
 
 
 def test_bad_target_exits_2_with_the_reason(capsys):
-    from shim.operator_cli import main
+    from kybernate.cli import main
     assert main(["checkpoint", "a/b/c/d"]) == 2
     assert "expected a containerd container id or NAMESPACE/POD[/CONTAINER]" in capsys.readouterr().err
 
 
 def test_unreachable_containerd_is_one_sentence(tmp_path, capsys):
-    from shim.operator_cli import main
+    from kybernate.cli import main
     rc = main(["--address", str(tmp_path / "nothing.sock"), "ps"])
     err = capsys.readouterr().err
     assert rc == 1 and "cannot reach containerd at" in err and "Traceback" not in err

@@ -1,5 +1,5 @@
 """Checkpoint/restore settings from a container's spec, runtime options and environment
-(shim.checkpoint_settings)."""
+(shim.checkpoint.settings)."""
 import json
 import struct
 
@@ -7,7 +7,7 @@ import pytest
 
 from criu.images import INVENTORY_MAGIC, IMG_COMMON_MAGIC, PSTREE_MAGIC, mark_complete
 from proto.containerd.runc.v1 import options_pb2
-from shim.checkpoint_settings import (NOTE_NAME, CheckpointSettings, plugin_dir_for, prepare_bundle,
+from shim.checkpoint.settings import (NOTE_NAME, CheckpointSettings, plugin_dir_for, prepare_bundle,
                                       recorded_options, resolve_image, restore_source, write_note)
 from ttrpc import Code, TTRPCError
 
@@ -53,7 +53,7 @@ def test_plugin_dir_annotation_then_env_then_default(tmp_path, monkeypatch):
     a.mkdir(), b.mkdir()
     assert plugin_dir_for(spec({"kybernate.io/criu-plugin-dir": str(a)}), "c", {"KYBERNATE_CRIU_PLUGIN_DIR": str(b)}) == str(a)
     assert plugin_dir_for(spec(), "c", {"KYBERNATE_CRIU_PLUGIN_DIR": str(b)}) == str(b)
-    monkeypatch.setattr("shim.checkpoint_settings.DEFAULT_PLUGIN_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr("shim.checkpoint.settings.DEFAULT_PLUGIN_DIR", str(tmp_path / "none"))
     assert plugin_dir_for(spec(), "c", {"KYBERNATE_CRIU_PLUGIN_DIR": str(tmp_path / "gone")}) is None
     with pytest.raises(TTRPCError) as e:
         plugin_dir_for(spec({"kybernate.io/criu-plugin-dir": str(tmp_path / "gone")}), "c", {})

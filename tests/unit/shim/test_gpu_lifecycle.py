@@ -1,4 +1,4 @@
-"""shim.gpu around checkpoint, restore, pause and resume, with the stand-in libcuda (fakecuda.c).
+"""shim.gpu.lifecycle around checkpoint, restore, pause and resume, with the stand-in libcuda (fakecuda.c).
 
 The stand-in keeps per-pid checkpoint state in files and logs every call with CLOCK_MONOTONIC
 timestamps, so these tests see which process got which driver call, and in which order relative to
@@ -22,11 +22,11 @@ import pytest
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
-from shim import gpu
-from shim.container import Container
-from shim.io import StdioPaths
-from shim.process import InitProcess, State
-from shim.runtime import RuntimeCommandError
+from shim.gpu import lifecycle as gpu
+from shim.task.container import Container
+from shim.task.io import StdioPaths
+from shim.task.process import InitProcess, State
+from shim.runtime.runc import RuntimeCommandError
 
 REPO = Path(__file__).resolve().parents[3]
 _spec = importlib.util.spec_from_file_location("_fakecuda_support", REPO / "tests/unit/cuda/conftest.py")
@@ -73,7 +73,7 @@ class Clock:
 
 
 class FakeRuntime:
-    """The OCI runtime's CLI as shim.container uses it; records calls, fails on demand."""
+    """The OCI runtime's CLI as shim.task.container uses it; records calls, fails on demand."""
 
     def __init__(self, clock: Clock):
         self.clock = clock
@@ -104,7 +104,7 @@ class FakeRuntime:
 
 def make_container(tmp_path: Path, runtime: FakeRuntime, pids, driver_loader, annotations=None,
                    state: State = State.RUNNING, cid: str = "gpu1") -> Container:
-    """A real shim.container.Container with a fake runtime; its GPU view lists `pids`."""
+    """A real shim.task.container.Container with a fake runtime; its GPU view lists `pids`."""
     from proto.containerd.runc.v1 import options_pb2
 
     bundle = tmp_path / "bundle"
@@ -554,7 +554,7 @@ def test_cpu_only_path_imports_neither_cuda_bindings_nor_cffi(tmp_path):
     code = f"""
 import asyncio, os, subprocess, sys
 sys.path.insert(0, {str(REPO)!r})
-from shim import gpu
+from shim.gpu import lifecycle as gpu
 child = subprocess.Popen(["sleep", "30"])
 g = gpu.ContainerGpu("cpu1", {{}}, lambda: [os.getpid(), child.pid])
 async def go():

@@ -1,4 +1,4 @@
-"""GPU placement at restore (shim.gpu_placement) and containers on two GPUs, with the stand-in libcuda.
+"""GPU placement at restore (shim.gpu.placement) and containers on two GPUs, with the stand-in libcuda.
 
 - The new container's spec names its GPUs in three forms (linux.devices /dev/nvidiaN, a CDI annotation,
   NVIDIA_VISIBLE_DEVICES); they are resolved to UUIDs of this node, paired in order with the GPUs the
@@ -23,8 +23,10 @@ import pytest
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
-from shim import gpu, gpu_placement as gp, lifecycle
-from shim.process import State
+from shim.gpu import lifecycle as gpu
+from shim.gpu import placement as gp
+from shim.checkpoint import seam as lifecycle
+from shim.task.process import State
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_gpu_lifecycle_helpers", HERE / "test_gpu_lifecycle.py")
@@ -317,9 +319,9 @@ class Runtime(FakeRuntime):
 def gpu_container(tmp_path, runtime, pids, fake, spec, node, cid="gpu2", state=State.RUNNING, image="",
                   proc: Path = Path("/proc")):
     from proto.containerd.runc.v1 import options_pb2
-    from shim.container import Container
-    from shim.io import StdioPaths
-    from shim.process import InitProcess
+    from shim.task.container import Container
+    from shim.task.io import StdioPaths
+    from shim.task.process import InitProcess
 
     bundle = tmp_path / f"bundle-{cid}"
     bundle.mkdir(exist_ok=True)

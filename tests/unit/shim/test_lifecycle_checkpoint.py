@@ -1,4 +1,4 @@
-"""shim.lifecycle's CPU checkpoint/restore logic with a fake OCI runtime: which runc arguments, what is
+"""shim.checkpoint.seam's CPU checkpoint/restore logic with a fake OCI runtime: which runc arguments, what is
 marked complete, what a failure leaves (image dir, frozen task, runc state), the TaskCheckpointed
 payload. The real thing (runc, CRIU, containerd 1.6/1.7/2.1) is in tests/integration/test_checkpoint*.py
 and test_restore.py."""
@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 from criu.images import IMG_COMMON_MAGIC, INVENTORY_MAGIC, PSTREE_MAGIC, is_complete, mark_complete
-from shim import gpu, lifecycle
-from shim.checkpoint_settings import NOTE_NAME, CheckpointSettings
-from shim.container import Container
-from shim.io import StdioPaths
-from shim.options import RuntimeOptions
-from shim.process import InitProcess, State
-from shim.runtime import RuntimeCommandError
+from shim.gpu import lifecycle as gpu
+from shim.checkpoint import seam as lifecycle
+from shim.checkpoint.settings import NOTE_NAME, CheckpointSettings
+from shim.task.container import Container
+from shim.task.io import StdioPaths
+from shim.runtime.options import RuntimeOptions
+from shim.task.process import InitProcess, State
+from shim.runtime.runc import RuntimeCommandError
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 

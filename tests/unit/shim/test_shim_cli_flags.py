@@ -1,7 +1,7 @@
 """containerd's shim command line, parsed like Go's flag package."""
 import pytest
 
-from shim.cli import Flags, UsageError, main, parse_flags
+from shim.binary.cli import Flags, UsageError, main, parse_flags
 
 
 def test_start_command_line_as_containerd_writes_it():

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from shim import mount
-from shim.events import Publisher, topic_of
-from shim.io import ProcessIO, StdioPaths
+from shim.runtime import mount
+from shim.task.events import Publisher, topic_of
+from shim.task.io import ProcessIO, StdioPaths
 
 
 def test_fifo_io_copies_in_order_and_drains(tmp_path):
@@ -67,7 +67,7 @@ def test_null_io_and_unknown_scheme():
     async def scenario():
         pio = await ProcessIO.create(StdioPaths(), "p", "ns")
         assert (pio.child.stdin, pio.child.stdout, pio.child.stderr) == (None, None, None)
-        from shim.io import IOSetupError
+        from shim.task.io import IOSetupError
 
         with pytest.raises(IOSetupError, match="unknown stdio scheme"):
             await ProcessIO.create(StdioPaths(stdout="gopher://x"), "p", "ns")

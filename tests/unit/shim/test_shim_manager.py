@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from shim import manager, wire
+from shim.binary import manager
+from shim import wire
 
 
 def test_socket_address_matches_containerds_naming():
@@ -92,7 +93,7 @@ def test_runtime_info_encoding():
 def test_delete_action_without_a_shim(tmp_path, capsysbinary):
     """containerd's cleanup on a bundle whose shim is gone: exit 137 and a parseable response."""
     from proto.containerd.task.v2 import shim_pb2
-    from shim.cli import Flags
+    from shim.binary.cli import Flags
 
     (tmp_path / "init.pid").write_text("4242")
     (tmp_path / manager.DELETED_MARK).write_text("")
@@ -103,7 +104,7 @@ def test_delete_action_without_a_shim(tmp_path, capsysbinary):
 
 
 def test_info_flag_prints_runtime_info(capsysbinary):
-    from shim.cli import main
+    from shim.binary.cli import main
 
     assert main(["-info"]) == 0
     fields = dict(wire.fields(capsysbinary.readouterr().out))

@@ -3,7 +3,7 @@ import pytest
 
 from proto.anyutil import pack
 from proto.containerd.runc.v1 import options_pb2
-from shim.options import OptionsError, RuntimeOptions, parse, parse_marshalled_any
+from shim.runtime.options import OptionsError, RuntimeOptions, parse, parse_marshalled_any
 from shim.wire import encode_bytes_field
 
 

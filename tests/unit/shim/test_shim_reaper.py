@@ -3,7 +3,7 @@ import asyncio
 import os
 import signal
 
-from shim.reaper import Exit, Reaper, exit_code
+from shim.runtime.reaper import Exit, Reaper, exit_code
 
 
 def test_exit_code_mapping():

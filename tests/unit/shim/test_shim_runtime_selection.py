@@ -1,7 +1,7 @@
 """Which OCI runtime runs a bundle, and why."""
 import pytest
 
-from shim.runtime import NVIDIA_RUNTIME, RuntimeSelectionError, gpu_request, select_runtime
+from shim.runtime.runc import NVIDIA_RUNTIME, RuntimeSelectionError, gpu_request, select_runtime
 
 INSTALLED = {"runc": "/usr/sbin/runc", NVIDIA_RUNTIME: "/usr/bin/nvidia-container-runtime",
              "crun": "/usr/bin/crun", "/opt/x/runc": "/opt/x/runc"}

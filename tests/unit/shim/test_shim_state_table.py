@@ -2,7 +2,7 @@
 import pytest
 
 from ttrpc import Code, TTRPCError
-from shim.process import EXEC_TRANSITIONS, INIT_TRANSITIONS, Op, State, transition
+from shim.task.process import EXEC_TRANSITIONS, INIT_TRANSITIONS, Op, State, transition
 
 C = "container web"
 
@@ -96,8 +96,8 @@ def test_process_apply_keeps_exit():
     """An exit that lands while Start runs wins: apply(START) after set_exited leaves it stopped."""
     import asyncio
 
-    from shim.io import StdioPaths
-    from shim.process import InitProcess
+    from shim.task.io import StdioPaths
+    from shim.task.process import InitProcess
 
     async def scenario():
         p = InitProcess("web", "web", StdioPaths())

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from shim import warm
+from shim.binary import warm
 
 
 def test_request_round_trip():
@@ -39,7 +39,7 @@ def test_disable_switch():
 
 
 def test_set_cmdline_changes_what_ps_shows():
-    code = ("import sys; from shim.warm import set_cmdline; "
+    code = ("import sys; from shim.binary.warm import set_cmdline; "
             "ok = set_cmdline(['/usr/bin/containerd-shim-kybernate-v1', '-id', 'a-rather-long-container-id-42']); "
             "print(ok); print(open('/proc/self/cmdline', 'rb').read())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

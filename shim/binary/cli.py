@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"containerd-shim-kybernate-v1:\n  Version:  {VERSION}\n  Runtime:  {RUNTIME_NAME}\n\n")
         return 0
     if flags.info:
-        from shim import manager
+        from shim.binary import manager
 
         return manager.info(flags)
     if not flags.namespace:
@@ -148,21 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     if flags.action == "start":
-        from shim import manager
+        from shim.binary import manager
 
         return manager.start(flags)
     if flags.action == "delete":
-        from shim import manager
+        from shim.binary import manager
 
         return manager.delete(flags)
     if flags.action == "warm":  # private: the pre-imported template `start` forks daemons from
-        from shim import warm
+        from shim.binary import warm
 
         return warm.serve(flags)
     if flags.action:
         sys.stderr.write(f"{RUNTIME_NAME}: unknown action {flags.action!r} (want start, delete or none)\n")
         return 2
-    from shim import daemon
+    from shim.binary import daemon
 
     return daemon.run(flags)
 

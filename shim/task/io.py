@@ -11,7 +11,7 @@ runc shim reads them:
   3 and 4 and a wait pipe as fd 5 (it closes or writes fd 5 once ready), with CONTAINER_ID and
   CONTAINER_NAMESPACE in its environment.
 
-Terminals are in `shim.console`. Pumps run on the asyncio loop (non-blocking fds, add_reader /
+Terminals are in `shim.task.console`. Pumps run on the asyncio loop (non-blocking fds, add_reader /
 add_writer); `ProcessIO.wait_drained` is what exit reporting waits on, so a process's last output is
 in containerd's fifos before its TaskExit is published.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import parse_qsl, urlsplit
 
-from shim.runtime import Stdio
+from shim.runtime.runc import Stdio
 
 log = logging.getLogger("kybernate.shim")
 

@@ -16,8 +16,8 @@ from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shim.console import Console
-    from shim.io import ProcessIO, StdioPaths
+    from shim.task.console import Console
+    from shim.task.io import ProcessIO, StdioPaths
 
 log = logging.getLogger("kybernate.shim")
 
@@ -120,7 +120,7 @@ def transition(kind: str, state: State, op: Op, subject: str) -> State:
 
 
 class Process:
-    """A process's identity, state, exit and IO. The runtime work is done by `shim.container`."""
+    """A process's identity, state, exit and IO. The runtime work is done by `shim.task.container`."""
 
     kind = "exec"
 

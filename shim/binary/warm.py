@@ -33,7 +33,7 @@ REPLY_TIMEOUT = 2.0
 
 def template_socket(containerd_address: str, binary: str) -> str:
     """The template's abstract socket name (no file to leak when the template is killed)."""
-    from shim._digest import sha256
+    from shim.binary._digest import sha256
 
     digest = sha256(f"kybernate-warm\0{containerd_address}\0{binary}".encode()).hexdigest()
     return f"\0kybernate-warm-{digest[:40]}"
@@ -155,7 +155,11 @@ def _preload() -> None:
     import asyncio.unix_events  # noqa: F401
 
     import ttrpc  # noqa: F401
-    from shim import container, daemon, events, lifecycle, service  # noqa: F401
+    from shim.task import container  # noqa: F401
+    from shim.binary import daemon  # noqa: F401
+    from shim.task import events  # noqa: F401
+    from shim.checkpoint import seam as lifecycle  # noqa: F401
+    from shim.task import service  # noqa: F401
     from proto.containerd.task.v3 import shim_pb2  # noqa: F401
     try:
         import shim.cgroups  # noqa: F401
@@ -342,7 +346,7 @@ def _become_daemon(argv: list[str], cwd: str, env: dict, listen_fd: int, close: 
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
         sys.argv = list(argv)
         set_cmdline(argv)
-        from shim.cli import main
+        from shim.binary.cli import main
 
         code = main(argv[1:])
     finally:

@@ -15,7 +15,7 @@ import struct
 import tempfile
 import termios
 
-from shim.io import IOSetupError, Pump, StdioPaths, _close, _strip_scheme, wait_pumps
+from shim.task.io import IOSetupError, Pump, StdioPaths, _close, _strip_scheme, wait_pumps
 
 
 class ConsoleSocket:

@@ -4,7 +4,7 @@ The GPUs of a restored container come from the new container's spec, not from th
 device nodes in ``linux.devices`` (/dev/nvidiaN, by their minor number), a CDI annotation
 (``cdi.k8s.io/*: nvidia.com/gpu=N|UUID|all``), or ``NVIDIA_VISIBLE_DEVICES`` in the process env
 (indices, GPU-UUIDs, ``all``), first found in that order. The checkpointed GPUs come from
-``kybernate-gpu.json`` (written by shim.gpu at checkpoint). The old GPUs are paired with the new ones
+``kybernate-gpu.json`` (written by shim.gpu.lifecycle at checkpoint). The old GPUs are paired with the new ones
 in order, and the restore is:
 
 - identity: the same GPUs (as a set): the driver restores without a GPU map;
@@ -410,7 +410,7 @@ def decide(container_id: str, record: Mapping, request: Optional[GpuRequest], ho
 
 
 def record_fields(spec: Mapping, host: HostGpus, used: Sequence[str] = ()) -> dict:
-    """What shim.gpu adds to kybernate-gpu.json at checkpoint for a later placement decision."""
+    """What shim.gpu.lifecycle adds to kybernate-gpu.json at checkpoint for a later placement decision."""
     gpus, source = container_gpus(spec, host)
     used = {canon_uuid(u) for u in used}
     models = {g.uuid: g.model for g in host.gpus if g.model and (g.uuid in gpus or g.uuid in used)}

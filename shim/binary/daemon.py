@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 
-from shim.cli import RUNTIME_NAME, Flags
+from shim.binary.cli import RUNTIME_NAME, Flags
 
 log = logging.getLogger("kybernate.shim")
 
@@ -87,7 +87,7 @@ def setup_logging(flags: Flags) -> None:
 
 def _listener(flags: Flags) -> socket.socket:
     if flags.socket:  # -socket PATH: bind it ourselves (no `start` handed one over)
-        from shim.manager import _bind
+        from shim.binary.manager import _bind
 
         raw = _bind(flags.socket if flags.socket.startswith("unix://") else "unix://" + flags.socket)
         return socket.socket(fileno=raw.detach())
@@ -96,7 +96,7 @@ def _listener(flags: Flags) -> socket.socket:
 
 def run(flags: Flags) -> int:
     setup_logging(flags)
-    from shim.reaper import set_subreaper
+    from shim.runtime.reaper import set_subreaper
 
     try:
         set_subreaper()
@@ -119,9 +119,9 @@ def run(flags: Flags) -> int:
 async def _serve(flags: Flags, sock: socket.socket) -> None:
     from ttrpc import Server
 
-    from shim.events import Publisher
-    from shim.reaper import Reaper
-    from shim.service import TaskService
+    from shim.task.events import Publisher
+    from shim.runtime.reaper import Reaper
+    from shim.task.service import TaskService
 
     loop = asyncio.get_running_loop()
     try:

@@ -21,7 +21,7 @@ serving State, Pids and other containers meanwhile.
 
 The checkpoint image gets a small ``kybernate-gpu.json`` next to CRIU's files: which GPUs (UUIDs)
 the checkpointed processes used, the container's GPUs in its spec's order, their models and the
-driver's versions. Before ``runc restore`` (`before_restore`), shim.gpu_placement compares that with
+driver's versions. Before ``runc restore`` (`before_restore`), shim.gpu.placement compares that with
 the GPUs the new container's spec gives it: identity, remap (gpu_map to the driver's restore), or a
 FailedPrecondition before anything is created.
 """
@@ -42,14 +42,14 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterable, Mapping, Op
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
-from shim.gpu_placement import NVIDIA_GPUS, NVIDIA_VERSION, read_proc_gpus
-from shim.process import State
-from shim.runtime import RuntimeCommandError
+from shim.gpu.placement import NVIDIA_GPUS, NVIDIA_VERSION, read_proc_gpus
+from shim.task.process import State
+from shim.runtime.runc import RuntimeCommandError
 
 if TYPE_CHECKING:  # pragma: no cover
     from cuda_bindings import CudaDriver
-    from shim.container import Container
-    from shim.gpu_placement import Placement
+    from shim.task.container import Container
+    from shim.gpu.placement import Placement
 
 log = logging.getLogger("kybernate.shim")
 
@@ -377,7 +377,7 @@ class ContainerGpu:
     def _placement_facts(self, driver, pids: list[int]) -> tuple[dict, list[str]]:
         """(kybernate-gpu.json's placement fields, the container's GPUs); best effort: a checkpoint
         does not need them, a later restore onto other GPUs does."""
-        from shim import gpu_placement
+        from shim.gpu import placement as gpu_placement
 
         try:
             host = gpu_placement.host_gpus(driver, self.gpus_dir, self.version_file)
@@ -483,7 +483,7 @@ class ContainerGpu:
         return seconds
 
     async def plan_restore(self, image_dir: str) -> Optional["Placement"]:
-        """Before ``runc restore``: where the checkpointed CUDA processes go (shim.gpu_placement).
+        """Before ``runc restore``: where the checkpointed CUDA processes go (shim.gpu.placement).
 
         None where the image holds no CUDA process (no kybernate-gpu.json: the CPU path, nothing
         loaded). Otherwise the driver is loaded and the decision kept for `resume_restored`; a restore
@@ -495,7 +495,7 @@ class ContainerGpu:
             return None
         from cuda_bindings import CudaBindingsError
 
-        from shim import gpu_placement
+        from shim.gpu import placement as gpu_placement
 
         settings = self.settings()
         loader = self._load
@@ -552,7 +552,7 @@ def describe_failed(pid: int) -> str:
     return describe(ProcessFailed(pid))
 
 
-# ---- the container seams: called from shim.lifecycle and shim.container ---------------------------------
+# ---- the container seams: called from shim.checkpoint.seam and shim.task.container ---------------------------------
 def _container_pids(container: "Container") -> list[int]:
     init = container.init
     if init is None or init.pid <= 0:

@@ -1,5 +1,5 @@
 """What a container's spec, its runtime options and the shim's environment say about checkpoint and
-restore: the data half of `shim.lifecycle` (which does the work).
+restore: the data half of `shim.checkpoint.seam` (which does the work).
 
 Why annotations: ``ctr task checkpoint`` fills CheckpointOptions (``--exit``, ``--image-path``) only for
 runc's runtimes and has no flag at all for tcp-established; kubelet never sends options. So a

@@ -1,8 +1,8 @@
 """A container: its bundle, rootfs, OCI runtime, init process and exec'd processes.
 
 The Task service finds a Container and calls one method per RPC; each method checks the process's
-state (`shim.process.transition`), does the runtime work (`shim.runtime.Runc`) and records the new
-state. Checkpoint and restore go through `shim.lifecycle`.
+state (`shim.task.process.transition`), does the runtime work (`shim.runtime.runc.Runc`) and records the new
+state. Checkpoint and restore go through `shim.checkpoint.seam`.
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from typing import Any
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
-from shim import gpu, lifecycle
-from shim import mount as mountlib
-from shim.console import Console, ConsoleSocket
-from shim.io import IOSetupError, ProcessIO, StdioPaths
-from shim.process import ExecProcess, InitProcess, Op, Process, State
-from shim.reaper import Reaper
-from shim.runtime import (RUNC_ROOT, Runc, RuntimeChoice, RuntimeCommandError, RuntimeSelectionError,
+from shim.gpu import lifecycle as gpu
+from shim.checkpoint import seam as lifecycle
+from shim.runtime import mount as mountlib
+from shim.task.console import Console, ConsoleSocket
+from shim.task.io import IOSetupError, ProcessIO, StdioPaths
+from shim.task.process import ExecProcess, InitProcess, Op, Process, State
+from shim.runtime.reaper import Reaper
+from shim.runtime.runc import (RUNC_ROOT, Runc, RuntimeChoice, RuntimeCommandError, RuntimeSelectionError,
                           read_pid_file, select_runtime)
 
 log = logging.getLogger("kybernate.shim")
@@ -65,7 +66,7 @@ def _uses_pid_namespace(spec: dict) -> bool:
 
 def _parse_options(container_id: str, options_any):
     """The runtime options (runc's protobuf Options, or CRI's TOML for other runtime types)."""
-    from shim.options import OptionsError, parse
+    from shim.runtime.options import OptionsError, parse
 
     if options_any is None:
         return parse("", b"")

@@ -2,7 +2,7 @@
 
 ``start`` is on the critical path of every ``ctr run``: it imports only builtin modules (no protobuf,
 no asyncio, not even ``socket`` or ``hashlib``). It binds the shim's socket, gets a daemon for it (a
-fork of the warm template, see `shim.warm`, else an exec of this binary without an action, in its own
+fork of the warm template, see `shim.binary.warm`, else an exec of this binary without an action, in its own
 session with the listening socket as fd 3), records the address in the bundle and prints it.
 
 ``delete`` is containerd's cleanup when the shim is gone (containerd 1.6+ also runs it after every
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from shim.cli import RUNTIME_NAME, VERSION, Flags
+from shim.binary.cli import RUNTIME_NAME, VERSION, Flags
 
 SOCKET_DIR = "/run/containerd/s"
 # Annotations that put several containers on one shim (a Kubernetes pod), first match wins.
@@ -60,7 +60,7 @@ def grouping_id(bundle: str, task_id: str) -> str:
 
 def socket_address(containerd_address: str, namespace: str, group: str, debug: bool = False) -> str:
     """``unix:///run/containerd/s/<sha256 of address/namespace/group>`` as containerd's shims name it."""
-    from shim._digest import sha256
+    from shim.binary._digest import sha256
 
     path = os.path.normpath(os.path.join(containerd_address, namespace, group))
     if debug:
@@ -116,7 +116,7 @@ def _write_file(path: str, data: str) -> None:
 def _binary() -> list[str]:
     argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if not argv0 or argv0.endswith(".py") or not os.access(argv0, os.X_OK):
-        return [sys.executable, "-m", "shim.cli"]
+        return [sys.executable, "-m", "shim.binary.cli"]
     return [argv0]
 
 
@@ -147,7 +147,7 @@ def _spawn(argv: list[str], listen_fd: int | None) -> int:
 
 def _start_daemon(flags: Flags, listen_fd: int) -> int:
     """A daemon serving `listen_fd`: forked by the warm template if there is one, else exec'd."""
-    from shim import warm
+    from shim.binary import warm
 
     if not warm.enabled():
         return _spawn(_daemon_argv(flags), listen_fd)
@@ -233,7 +233,7 @@ def containerd_major(pid: int | None = None) -> int:
     Asked once per containerd binary (``containerd --version``, ~20 ms) and cached in /run by the
     binary's identity (path, inode, size, mtime), so `start` pays a stat and a small read.
     """
-    from shim._digest import sha256
+    from shim.binary._digest import sha256
 
     ppid = os.getppid() if pid is None else pid
     try:
@@ -332,7 +332,7 @@ def _read_stdin_options():
 
     Undecodable options are not `start`'s business (the runc shim ignores them too); Create reports
     them, naming the container."""
-    from shim.options import OptionsError, RuntimeOptions, parse_marshalled_any
+    from shim.runtime.options import OptionsError, RuntimeOptions, parse_marshalled_any
 
     try:
         if os.isatty(0):
@@ -396,7 +396,7 @@ def delete(flags: Flags) -> int:
 def _force_delete(flags: Flags, bundle: str) -> None:
     import subprocess
 
-    from shim import mount
+    from shim.runtime import mount
 
     state = read_state(bundle)
     binary = state.get("binary") or "runc"

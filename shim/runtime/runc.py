@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from shim.reaper import Reaper
+from shim.runtime.reaper import Reaper
 
 DEFAULT_BINARY = "runc"
 NVIDIA_RUNTIME = "nvidia-container-runtime"

@@ -1,11 +1,11 @@
 """The checkpoint/restore seam: the one place the Task service calls for Checkpoint and for Create
-with a checkpoint (or a restore source in the spec: `shim.checkpoint_settings`).
+with a checkpoint (or a restore source in the spec: `shim.checkpoint.settings`).
 
 - `prepare_create`: at Create, before anything is created: the container's checkpoint settings, the
   image to restore from (checked: a bad one refuses the Create) and the per-task CRIU config file
   named in config.json (runc hands it to CRIU: plugin dir).
 - `checkpoint`: containerd's CheckpointOptions OR-ed with the container's annotations ->
-  ``runc checkpoint`` (`criu.plans`), CUDA quiesced around it (`shim.gpu`); on success the image is
+  ``runc checkpoint`` (`criu.plans`), CUDA quiesced around it (`shim.gpu.lifecycle`); on success the image is
   marked complete and a note goes into containerd's directory; on failure the task is left running
   and thawed, the error quotes CRIU's first error and the image is not claimed as good.
 - `restore`: at Start, ``runc restore`` with the new task's IO (pipes, or the console socket), the
@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
-from shim import gpu
-from shim import mount as mountlib
-from shim.checkpoint_settings import (RESTORE_FIELDS, CheckpointSettings, prepare_bundle, recorded_options,
+from shim.gpu import lifecycle as gpu
+from shim.runtime import mount as mountlib
+from shim.checkpoint.settings import (RESTORE_FIELDS, CheckpointSettings, prepare_bundle, recorded_options,
                                       resolve_image, restore_source, write_note)
-from shim.process import State
-from shim.runtime import RuntimeCommandError, read_pid_file
+from shim.task.process import State
+from shim.runtime.runc import RuntimeCommandError, read_pid_file
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shim.container import Container
+    from shim.task.container import Container
 
 log = logging.getLogger("kybernate.shim")
 
@@ -172,7 +172,7 @@ async def restore(container: "Container") -> None:
     from criu.logs import describe_failure
     from criu.plans import RestorePlan
 
-    from shim.console import ConsoleSocket
+    from shim.task.console import ConsoleSocket
 
     init = container.init
     assert init is not None

@@ -1,6 +1,6 @@
 """The Task service (containerd.task.v2.Task and v3): one thin method per RPC.
 
-Each method validates the request, finds the container or process, delegates to `shim.container`,
+Each method validates the request, finds the container or process, delegates to `shim.task.container`,
 and publishes the event. Process exits come from the reaper (`on_exit`); they are published in the
 order containerd relies on: a process's start event before its exit, every exec's exit before its
 container's init exit, a process's output drained before its exit, and the TaskExit delivered before
@@ -21,10 +21,10 @@ from proto.containerd.runc.v1 import options_pb2
 from proto.containerd.task.v2 import shim_pb2 as api
 from proto.containerd.types.task import task_pb2 as types
 
-from shim.container import Container, validate_id
-from shim.io import StdioPaths
-from shim.process import ExecProcess, InitProcess, Process, State
-from shim.reaper import Exit, Reaper
+from shim.task.container import Container, validate_id
+from shim.task.io import StdioPaths
+from shim.task.process import ExecProcess, InitProcess, Process, State
+from shim.runtime.reaper import Exit, Reaper
 
 log = logging.getLogger("kybernate.shim")
 

@@ -92,17 +92,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from shim.operator import OperatorError
+    from kybernate import OperatorError
 
     try:
         if args.command == "doctor":
-            from shim.operator import doctor
+            from kybernate import doctor
             return doctor.main(args)
         if args.command == "ps":
-            from shim.operator import ps
+            from kybernate import ps
             return ps.main(args)
         args.namespace = args.namespace or "default"
-        from shim.operator import checkpoint
+        from kybernate import checkpoint
         if args.command == "checkpoint":
             return checkpoint.checkpoint(args)
         return checkpoint.restore(args)
