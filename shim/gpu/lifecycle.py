@@ -1,332 +1,72 @@
-"""The GPU side of a container's lifecycle: its CUDA processes around checkpoint, restore and pause.
+"""The GPU layer: a container's CUDA processes around checkpoint, restore and pause.
 
 Why it exists: CRIU cannot dump a process that holds GPU memory ("Can't handle non-regular mapping"
 on the device VMA), and a frozen cgroup keeps its VRAM. The driver's checkpoint API moves a process's
 device memory into its host memory and closes its device files (lock + checkpoint, "suspend"), and
-brings it back (restore + unlock, "resume"). So:
+brings it back (restore + unlock, "resume"). `GpuLayer` stacks these steps on the plain CRIU path
+(`shim.checkpoint.layer`):
 
 - checkpoint: suspend every CUDA process of the task in parallel, ``runc checkpoint``, then, when the
   task keeps running, put each process back as it was found. If anything fails after the first lock,
   every process is put back and the task thawed before the error is returned.
-- restore: after ``runc restore``, resume the CUDA processes the driver reports as locked or
-  checkpointed (CRIU's CUDA plugin, where installed, may already have resumed some: never assume).
-  A failure kills the restored task and names the process and the CUDA error.
+- restore: before ``runc restore`` the GPU placement (identity, remap, or refused before anything is
+  created: `shim.gpu.placement`); after it, resume the CUDA processes the driver reports as locked or
+  checkpointed (CRIU's CUDA plugin, where installed, may already have resumed some: never assume). A
+  failure kills the restored task and names the process and the CUDA error.
 - pause: suspend, then freeze (the VRAM is released); resume: thaw, then resume. The annotation
   ``kybernate.io/gpu-pause: keep`` turns that off per container.
 
 What it costs a CPU-only task: one read of each of its processes' /proc/PID/maps. The driver (and
-cffi, and cuda_bindings) is loaded only once some process of the container maps libcuda. Every driver
-call blocks (a 2 GiB checkpoint takes a second or more), so each runs in a thread and the shim keeps
-serving State, Pids and other containers meanwhile.
-
-The checkpoint image gets a small ``kybernate-gpu.json`` next to CRIU's files: which GPUs (UUIDs)
-the checkpointed processes used, the container's GPUs in its spec's order, their models and the
-driver's versions. Before ``runc restore`` (`before_restore`), shim.gpu.placement compares that with
-the GPUs the new container's spec gives it: identity, remap (gpu_map to the driver's restore), or a
-FailedPrecondition before anything is created.
+cffi, and cuda_bindings) is loaded only once some process of the container maps libcuda, and only
+from the host (`shim.gpu.driver`). Every driver call runs in a thread, so the shim keeps serving
+State, Pids and other containers meanwhile. The layer never imports the task package: it gets a
+`TaskHandle` and nothing else.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import signal
 import threading
 import time
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
-from shim.gpu.placement import NVIDIA_GPUS, NVIDIA_VERSION, read_proc_gpus
-from shim.task.process import State
+from shim.checkpoint.layer import LifecycleLayer, TaskHandle
+from shim.gpu import placement as gpu_placement
+from shim.gpu.driver import describe, describe_failed, shared_loader
+from shim.gpu.placement import NVIDIA_GPUS, NVIDIA_VERSION
+from shim.gpu.procfs import PROC, gpu_minors, gpu_uuids_by_minor, mapped_libcuda, process_name
+from shim.gpu.records import (RECORD_NAME, RecordError, SuspendedProcess, Suspension, has_record, read_record,
+                              write_record)
+from shim.gpu.settings import GpuSettings
 from shim.runtime.runc import RuntimeCommandError
 
 if TYPE_CHECKING:  # pragma: no cover
     from cuda_bindings import CudaDriver
-    from shim.task.container import Container
     from shim.gpu.placement import Placement
 
 log = logging.getLogger("kybernate.shim")
 
-LOCK_TIMEOUT_ANNOTATION = "kybernate.io/cuda-lock-timeout-ms"
-PAUSE_ANNOTATION = "kybernate.io/gpu-pause"  # "release" (default) or "keep"
-GPU_MAP_ANNOTATION = "kybernate.io/gpu-map"  # OLD_UUID=NEW_UUID,... for a restore onto other GPUs
-DEFAULT_LOCK_TIMEOUT_MS = 10_000  # cuda_bindings' default; 0 would wait forever inside a long kernel
-RECORD_NAME = "kybernate-gpu.json"
-RECORD_FORMAT = 1
 
-PROC = Path("/proc")
-NVIDIA_MAJOR = 195  # /dev/nvidia<minor> (GPUs), nvidiactl (255), nvidia-modeset (254)
-NVIDIA_CONTROL_MINORS = frozenset({254, 255})
-LIBCUDA_NAME = b"libcuda.so"
-
-
-# ---- /proc, without the driver -------------------------------------------------------------------
-def mapped_libcuda(pid: int, proc: Path = PROC) -> Optional[str]:
-    """The path of the libcuda.so* the process maps, or None (also when it is gone or unreadable).
-
-    This is the whole cost of a CPU-only container: no driver, no cffi."""
-    try:
-        with open(proc / str(pid) / "maps", "rb") as maps:
-            for line in maps:
-                fields = line.rstrip(b"\n").split(None, 5)
-                if len(fields) == 6 and LIBCUDA_NAME in os.path.basename(fields[5]):
-                    return fields[5].decode(errors="replace")
-    except OSError:
-        return None
-    return None
-
-
-def process_name(pid: int, proc: Path = PROC) -> str:
-    try:
-        return (proc / str(pid) / "comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def gpu_minors(pid: int, proc: Path = PROC) -> set[int]:
-    """Minor numbers of the /dev/nvidia<N> GPU devices the process holds open (by the device number,
-    so a renamed node inside the container counts too). Empty for a checkpointed process."""
-    fd_dir = proc / str(pid) / "fd"
-    found: set[int] = set()
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return found
-    for name in names:
-        try:
-            st = os.stat(fd_dir / name)
-        except OSError:
-            continue
-        if (st.st_mode & 0o170000) == 0o020000 and os.major(st.st_rdev) == NVIDIA_MAJOR \
-                and os.minor(st.st_rdev) not in NVIDIA_CONTROL_MINORS:
-            found.add(os.minor(st.st_rdev))
-    return found
-
-
-def gpu_uuids_by_minor(gpus_dir: Path = NVIDIA_GPUS) -> dict[int, str]:
-    """Device minor -> UUID, from the driver's /proc/driver/nvidia/gpus/*/information."""
-    return {gpu["minor"]: gpu["uuid"] for gpu in read_proc_gpus(gpus_dir) if gpu["minor"] is not None}
-
-
-# ---- settings from the bundle's annotations -------------------------------------------------------
-def parse_gpu_map(text: str) -> dict[str, str]:
-    """'OLD=NEW,OLD2=NEW2' (UUIDs as nvidia-smi prints them) -> {OLD: NEW}."""
-    pairs: dict[str, str] = {}
-    for item in text.split(","):
-        if not item.strip():
-            continue
-        old, sep, new = item.partition("=")
-        if not sep or not old.strip() or not new.strip():
-            raise ValueError(f"expected OLD_UUID=NEW_UUID[,...], got {item!r}")
-        pairs[old.strip()] = new.strip()
-    return pairs
-
-
-@dataclass(frozen=True)
-class GpuSettings:
-    lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
-    release_on_pause: bool = True
-    gpu_map: Optional[dict] = None
-
-    @classmethod
-    def from_spec(cls, spec: Mapping, container_id: str) -> "GpuSettings":
-        """From config.json's annotations; a malformed one is refused with its name and value."""
-        annotations = spec.get("annotations") if isinstance(spec, Mapping) else None
-        annotations = annotations if isinstance(annotations, Mapping) else {}
-
-        def refuse(key: str, why: str) -> TTRPCError:
-            return TTRPCError(Code.FAILED_PRECONDITION,
-                              f"container {container_id}: annotation {key}={annotations.get(key)!r}: {why}")
-
-        timeout = DEFAULT_LOCK_TIMEOUT_MS
-        raw = annotations.get(LOCK_TIMEOUT_ANNOTATION)
-        if raw not in (None, ""):
-            try:
-                timeout = int(str(raw).strip())
-            except ValueError:
-                raise refuse(LOCK_TIMEOUT_ANNOTATION, "not an integer number of milliseconds") from None
-            if not 0 < timeout <= 0xFFFFFFFF:
-                raise refuse(LOCK_TIMEOUT_ANNOTATION, "must be between 1 and 4294967295 ms "
-                                                      "(0, wait forever, is not allowed)")
-        mode = str(annotations.get(PAUSE_ANNOTATION) or "release").strip().lower()
-        if mode not in ("release", "keep"):
-            raise refuse(PAUSE_ANNOTATION, "expected 'keep' or 'release'")
-        gpu_map = None
-        raw = annotations.get(GPU_MAP_ANNOTATION)
-        if raw:
-            try:
-                gpu_map = parse_gpu_map(str(raw))
-            except ValueError as exc:
-                raise refuse(GPU_MAP_ANNOTATION, str(exc)) from None
-        return cls(timeout, mode == "release", gpu_map or None)
-
-
-# ---- the driver, loaded once per shim, only when needed -------------------------------------------
-_driver: Optional["CudaDriver"] = None
-_driver_lock = threading.Lock()
-
-
-def load_driver(hint_pids: Iterable[int] = (), proc: Path = PROC, paths: Iterable[str] = ()) -> "CudaDriver":
-    """The shim's CudaDriver ($KYBERNATE_LIBCUDA, else libcuda.so.1); blocking: call in a thread.
-
-    Where the loader cannot find libcuda.so.1 (a node whose driver lives outside the loader's path,
-    as /usr/local/nvidia/lib64 does), the library a CUDA process of the container maps is tried: at
-    its path on the host (nvidia-container-runtime mounts it at the same path), then through the
-    process's root; then `paths` (before a restore: the one kybernate-gpu.json names). Only a success
-    is cached."""
-    global _driver
-    with _driver_lock:
-        if _driver is not None:
-            return _driver
-        from cuda_bindings import CudaDriver, DriverMissing
-
-        try:
-            _driver = CudaDriver()
-            return _driver
-        except DriverMissing as exc:
-            first = exc
-        for pid in hint_pids:
-            path = mapped_libcuda(pid, proc)
-            if not path:
-                continue
-            for candidate in (path, f"{proc}/{pid}/root{path}"):
-                if os.path.exists(candidate):
-                    try:
-                        _driver = CudaDriver(candidate)
-                        log.info("CUDA driver loaded from %s (mapped by pid %d)", candidate, pid)
-                        return _driver
-                    except DriverMissing:
-                        continue
-        for candidate in paths:
-            if candidate and os.path.isabs(candidate) and os.path.exists(candidate):
-                try:
-                    _driver = CudaDriver(candidate)
-                    log.info("CUDA driver loaded from %s (named by %s)", candidate, RECORD_NAME)
-                    return _driver
-                except DriverMissing:
-                    continue
-        raise first
-
-
-def prepare(container: "Container") -> None:
-    """For a bundle that asks for GPUs: load the driver in a background thread now, so that the first
-    checkpoint or pause does not pay for dlopen + cuInit. A failure is left for that first use to report
-    (with the libcuda a CUDA process maps as a further candidate). CPU bundles: nothing."""
-    choice = getattr(container, "choice", None)
-    if not getattr(choice, "gpu", False) or _driver is not None:
-        return
-
-    def load() -> None:
-        try:
-            load_driver()
-        except Exception as exc:  # noqa: BLE001 - only a head start; the real use reports
-            log.debug("container %s: CUDA driver not loaded ahead: %s", container.id, exc)
-
-    threading.Thread(target=load, name="cuda-driver-load", daemon=True).start()
-
-
-def describe(error: BaseException) -> str:
-    """A CUDA failure in words that name the driver's error (CUDA_ERROR_TIMEOUT from ...)."""
-    from cuda_bindings import CudaError, NotACudaProcess, ProcessFailed
-
-    if isinstance(error, CudaError):
-        where = f" from {error.call}" if error.call else ""
-        return f"{error.name}{where} ({error.text})"
-    if isinstance(error, NotACudaProcess):
-        inner = f" ({error.cuda_error.name})" if error.cuda_error else ""
-        return f"not a CUDA process: {error.reason}{inner}"
-    if isinstance(error, ProcessFailed):
-        return "CU_PROCESS_STATE_FAILED (the driver reports the process failed in an earlier checkpoint or restore)"
-    return f"{type(error).__name__}: {error}"
-
-
-# ---- what one suspend did --------------------------------------------------------------------------
-@dataclass
-class SuspendedProcess:
-    pid: int
-    name: str
-    before: str  # the driver's state when we found it: running, locked, checkpointed
-    steps: tuple[str, ...]
-    gpus: list[str]
-    gpus_source: str  # "device-files": the /dev/nvidiaN it held open; "all-visible": could not tell
-
-    def to_dict(self) -> dict:
-        return {"pid": self.pid, "name": self.name, "state_before": self.before, "steps": list(self.steps),
-                "gpus": self.gpus, "gpus_source": self.gpus_source}
-
-
-@dataclass
-class Suspension:
-    """The CUDA processes one suspend moved to CHECKPOINTED, and the state each is to go back to."""
-
-    reason: str  # "checkpoint" or "pause"
-    processes: list[SuspendedProcess]
-    seconds: float
-    lock_timeout_ms: int
-    driver_version: int
-    visible_gpus: list[str]
-    timings: dict = field(default_factory=dict)
-    placement: dict = field(default_factory=dict)  # container GPUs, models, driver release (gpu_placement)
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.processes]
-
-    @property
-    def gpus(self) -> list[str]:
-        return sorted({g for p in self.processes for g in p.gpus})
-
-    def record(self, container_id: str, extra: Optional[dict] = None) -> dict:
-        out = {"format": RECORD_FORMAT, "container": container_id,
-               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "suspended_by": self.reason, "driver_version": self.driver_version,
-               "visible_gpus": self.visible_gpus, "gpus": self.gpus,
-               "lock_timeout_ms": self.lock_timeout_ms, "suspend_seconds": round(self.seconds, 6),
-               "processes": [p.to_dict() for p in self.processes], "timings": self.timings}
-        out.update(self.placement)
-        out.update(extra or {})
-        return out
-
-
-def write_record(image_dir: str, record: dict) -> str:
-    path = os.path.join(image_dir, RECORD_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
-    return path
-
-
-def read_record(image_dir: str) -> Optional[dict]:
-    try:
-        with open(os.path.join(image_dir, RECORD_NAME)) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-# ---- one container's CUDA processes ----------------------------------------------------------------
 class ContainerGpu:
     """The CUDA processes of one container, and what the last Pause did to them.
 
-    list_pids: every pid of the container (its cgroup, descendants included); driver_loader(hint_pids)
-    returns a CudaDriver (blocking). Both are parameters so unit tests can run this without containers.
+    list_pids: every pid of the container (its cgroup, descendants included; raises when they cannot
+    be listed); driver_loader() returns a CudaDriver (blocking). Both are parameters so unit tests can
+    run this without containers.
     """
 
     def __init__(self, container_id: str, spec: Mapping, list_pids: Callable[[], list[int]],
-                 driver_loader: Callable[..., "CudaDriver"] = load_driver, proc: Path = PROC,
+                 driver_loader: Optional[Callable[[], "CudaDriver"]] = None, proc: Path = PROC,
                  gpus_dir: Path = NVIDIA_GPUS, version_file: Path = NVIDIA_VERSION):
         self.id = container_id
         self.spec = spec
         self._list_pids = list_pids
-        self._load = driver_loader
+        self._load = driver_loader or shared_loader()
         self.proc = proc
         self.gpus_dir = gpus_dir
         self.version_file = version_file
@@ -343,16 +83,16 @@ class ContainerGpu:
         """Pids of the container that map libcuda: the only ones the driver is asked about."""
         try:
             pids = self._list_pids()
-        except Exception as exc:  # a vanished cgroup means no process left to care about
-            log.debug("container %s: cannot list its processes: %s", self.id, exc)
-            return []
+        except Exception as exc:  # noqa: BLE001 - said, never taken for "no CUDA process"
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"container {self.id}: cannot list its processes to find "
+                                                       f"the CUDA ones: {exc}") from exc
         return [pid for pid in pids if mapped_libcuda(pid, self.proc)]
 
     async def driver(self, what: str, pids: list[int]) -> "CudaDriver":
         from cuda_bindings import CudaBindingsError
 
         try:
-            return await asyncio.to_thread(self._load, pids)
+            return await asyncio.to_thread(self._load)
         except CudaBindingsError as exc:
             raise TTRPCError(Code.FAILED_PRECONDITION,
                              f"{what} container {self.id}: its processes {pids} map libcuda but the shim cannot "
@@ -377,8 +117,6 @@ class ContainerGpu:
     def _placement_facts(self, driver, pids: list[int]) -> tuple[dict, list[str]]:
         """(kybernate-gpu.json's placement fields, the container's GPUs); best effort: a checkpoint
         does not need them, a later restore onto other GPUs does."""
-        from shim.gpu import placement as gpu_placement
-
         try:
             host = gpu_placement.host_gpus(driver, self.gpus_dir, self.version_file)
             facts = gpu_placement.record_fields(self.spec, host, [g.uuid for g in host.gpus])
@@ -490,23 +228,22 @@ class ContainerGpu:
         that cannot work raises TTRPCError(FAILED_PRECONDITION) naming both GPU sets, the models and
         the driver versions."""
         self.placement = None
-        record = read_record(image_dir) if image_dir else None
+        try:
+            record = read_record(image_dir) if image_dir else None
+        except RecordError as exc:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"restore container {self.id}: {exc}") from exc
         if not record or not record.get("processes"):
             return None
         from cuda_bindings import CudaBindingsError
 
-        from shim.gpu import placement as gpu_placement
-
         settings = self.settings()
-        loader = self._load
-        if loader is load_driver and record.get("libcuda"):
-            loader = lambda pids: load_driver(pids, self.proc, paths=[str(record["libcuda"])])  # noqa: E731
         try:
-            driver = await asyncio.to_thread(loader, [])
+            driver = await asyncio.to_thread(self._load)
         except CudaBindingsError as exc:
             raise TTRPCError(Code.FAILED_PRECONDITION,
                              f"restore container {self.id}: the checkpoint holds {len(record['processes'])} CUDA "
-                             f"process(es) ({RECORD_NAME}) but the shim cannot use the CUDA driver here: {exc}") from exc
+                             f"process(es) ({RECORD_NAME}) "
+                             f"but the shim cannot use the CUDA driver here: {exc}") from exc
         host = await asyncio.to_thread(gpu_placement.host_gpus, driver, self.gpus_dir, self.version_file)
         placement = gpu_placement.decide(self.id, record, gpu_placement.gpu_request(self.spec), host,
                                          settings.gpu_map)
@@ -547,128 +284,233 @@ class ContainerGpu:
         return waiting
 
 
-def describe_failed(pid: int) -> str:
-    from cuda_bindings import ProcessFailed
-    return describe(ProcessFailed(pid))
 
-
-# ---- the container seams: called from shim.checkpoint.seam and shim.task.container ---------------------------------
-def _container_pids(container: "Container") -> list[int]:
-    init = container.init
-    if init is None or init.pid <= 0:
+# ---- the layer -----------------------------------------------------------------------------------
+def task_pids(task: TaskHandle) -> list[int]:
+    """Every pid of the task's cgroup; [] once its init is gone (nothing left to care about). A
+    cgroup that cannot be read while the init lives raises: that is never "no CUDA process"."""
+    pid = task.init_pid()
+    if pid <= 0 or not (PROC / str(pid)).exists():
         return []
     from shim.cgroups import Cgroup
 
-    pids = Cgroup.for_pid(init.pid).pids()
-    return pids if pids else [init.pid]
+    pids = Cgroup.for_pid(pid).pids()
+    return pids if pids else [pid]
 
 
-def of(container: "Container") -> ContainerGpu:
-    """The container's ContainerGpu (made on first use, kept on the container)."""
-    gpu = getattr(container, "_kybernate_gpu", None)
-    if gpu is None or gpu.spec is not container.spec:
-        gpu = ContainerGpu(container.id, container.spec, lambda: _container_pids(container))
-        container._kybernate_gpu = gpu
-    return gpu
-
-
-def _frozen(container: "Container") -> bool:
-    init = container.init
-    if init is None or init.pid <= 0:
+def frozen(task: TaskHandle) -> bool:
+    """Whether the task's cgroup is frozen (or freezing); an unreadable cgroup raises."""
+    pid = task.init_pid()
+    if pid <= 0:
         return False
-    try:
-        from shim.cgroups import Cgroup, FreezeState
+    from shim.cgroups import Cgroup, FreezeState
 
-        return Cgroup.for_pid(init.pid).freeze_state() in (FreezeState.FROZEN, FreezeState.FREEZING)
-    except Exception:
-        return False
+    return Cgroup.for_pid(pid).freeze_state() in (FreezeState.FROZEN, FreezeState.FREEZING)
 
 
-async def _thaw(container: "Container") -> None:
-    await container.runtime.resume(container.id)
+class GpuLayer:
+    """CUDA suspend/resume stacked on an inner layer (the plain CRIU path, as a rule).
 
+    One per container, made at Create (so a malformed GPU annotation refuses the Create); it keeps
+    what the last Pause suspended (`paused`: the VRAM is in host RAM) and the placement decided
+    before a restore."""
 
-async def _freeze(container: "Container") -> None:
-    await container.runtime.pause(container.id)
+    name = "gpu"
 
+    def __init__(self, inner: LifecycleLayer, task_id: str, spec: Mapping, *, libcuda: str = "",
+                 gpu: Optional["ContainerGpu"] = None, list_pids: Optional[Callable[[], list[int]]] = None):
+        self.inner = inner
+        self._task_pids: Optional[Callable[[], list[int]]] = list_pids
+        self.gpu = gpu or ContainerGpu(task_id, spec, self._pids, driver_loader=shared_loader(libcuda))
+        self.gpu.settings()  # refuses a malformed annotation now, at Create
+        self._task: Optional[TaskHandle] = None
+        self._was_paused = False
+        self._suspension: Optional[Suspension] = None  # suspended for the checkpoint in flight
+        self._owned = False
+        self._t0 = 0.0
+        self._body_started = 0.0
 
-@asynccontextmanager
-async def checkpointing(container: "Container", image_dir: str, keeps_running: bool) -> AsyncIterator[Optional[Suspension]]:
-    """Around ``runc checkpoint``: CUDA processes suspended before, put back after (keep running) or
-    on any failure, with the task thawed; ``kybernate-gpu.json`` written into image_dir on success.
+    def _pids(self) -> list[int]:
+        if self._task_pids is not None:
+            return self._task_pids()
+        return task_pids(self._task) if self._task is not None else []
 
-    A task paused by us (VRAM released) is already suspended: nothing to do before or after, it stays
-    paused. A task paused with its VRAM kept (gpu-pause: keep) is thawed for the suspend and frozen
-    again, since a frozen process cannot answer the driver's lock."""
-    gpu = of(container)
-    init = container.init
-    was_paused = init is not None and init.state is State.PAUSED
-    what = "checkpoint"
-    suspension = gpu.paused
-    owned = False
-    t0 = time.perf_counter()
-    if suspension is None:
+    def _bind(self, task: TaskHandle) -> None:
+        self._task = task
+
+    @property
+    def paused(self) -> Optional[Suspension]:
+        return self.gpu.paused
+
+    # -- create ---------------------------------------------------------------------------------
+    def prepare(self, task: TaskHandle) -> None:
+        """Load the driver in a background thread now, so that the first checkpoint or pause does not
+        pay for dlopen + cuInit. A failure is left for that first use to report."""
+        self._bind(task)
+        self.inner.prepare(task)
+        load = self.gpu._load
+        if getattr(load, "loaded", False):
+            return
+
+        def head_start() -> None:
+            try:
+                load()
+            except Exception as exc:  # noqa: BLE001 - only a head start; the real use reports
+                log.info("container %s: CUDA driver not loaded ahead: %s", task.id, exc)
+
+        threading.Thread(target=head_start, name="cuda-driver-load", daemon=True).start()
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    async def before_checkpoint(self, task: TaskHandle, image_dir: str, keeps_running: bool,
+                                was_paused: bool) -> None:
+        """Suspend every CUDA process. A task paused by us (VRAM released) is already suspended. A
+        task paused with its VRAM kept is thawed for the suspend and frozen again (a frozen process
+        cannot answer the driver's lock)."""
+        self._bind(task)
+        await self.inner.before_checkpoint(task, image_dir, keeps_running, was_paused)
+        gpu = self.gpu
+        self._was_paused = was_paused
+        self._t0 = time.perf_counter()
+        suspension = gpu.paused
+        self._owned = False
+        if suspension is None:
+            try:
+                async with _Thawed(task, was_paused and bool(gpu.candidates())):
+                    suspension = await gpu.suspend("checkpoint", "checkpoint")
+            except RuntimeCommandError as exc:  # the thaw, or the freeze after the suspend
+                if suspension is not None:
+                    await gpu.put_back(suspension, "checkpoint rollback")
+                raise TTRPCError(Code.INTERNAL, f"checkpoint container {task.id}: the paused container could "
+                                                f"not be thawed for the CUDA suspend and frozen again: {exc}") from exc
+            self._owned = suspension is not None
+        self._suspension = suspension
+        self._body_started = time.perf_counter()
+
+    async def after_checkpoint(self, task: TaskHandle, image_dir: str, keeps_running: bool, was_paused: bool,
+                               failure: Optional[BaseException]) -> None:
+        suspension, self._suspension = self._suspension, None
         try:
-            async with _thawed(container, was_paused and bool(gpu.candidates())):
-                suspension = await gpu.suspend("checkpoint", what)
-        except RuntimeCommandError as exc:  # the thaw, or the freeze after the suspend
-            if suspension is not None:
-                await gpu.put_back(suspension, "checkpoint rollback")
-            raise TTRPCError(Code.INTERNAL, f"checkpoint container {container.id}: the paused container "
-                                            f"could not be thawed for the CUDA suspend and frozen again: {exc}") from exc
-        owned = suspension is not None
-    if suspension is None:  # the CPU path: nothing of ours around runc
-        yield None
-        return
-    body_started = time.perf_counter()
-    try:
-        yield suspension
-    except BaseException as exc:
-        if owned:
-            await _roll_back(container, gpu, suspension, was_paused, exc)
-        raise
-    suspension.timings["runtime_checkpoint_s"] = round(time.perf_counter() - body_started, 6)
-    suspension.timings["suspend_s"] = round(body_started - t0, 6)
-    try:
-        write_record(image_dir, suspension.record(container.id, {"keeps_running": keeps_running,
-                                                                   "image_dir": image_dir}))
-    except OSError as exc:
-        log.warning("container %s: cannot write %s into %s: %s", container.id, RECORD_NAME, image_dir, exc)
-    if not keeps_running:
-        gpu.paused = None  # the task has exited with the dump
-        return
-    if owned:
+            if suspension is None:
+                return
+            if failure is not None:
+                if self._owned:
+                    await _roll_back(task, self.gpu, suspension, was_paused, failure)
+                return
+            suspension.timings["runtime_checkpoint_s"] = round(time.perf_counter() - self._body_started, 6)
+            suspension.timings["suspend_s"] = round(self._body_started - self._t0, 6)
+            try:
+                write_record(image_dir, suspension.record(task.id, {"keeps_running": keeps_running,
+                                                                    "image_dir": image_dir}))
+            except OSError as exc:
+                log.warning("container %s: cannot write %s into %s: %s", task.id, RECORD_NAME, image_dir, exc)
+            if not keeps_running:
+                self.gpu.paused = None  # the task has exited with the dump
+                return
+            if self._owned:
+                try:
+                    async with _Thawed(task, was_paused):
+                        await self.gpu.put_back(suspension, "checkpoint (leave running)")
+                except RuntimeCommandError as exc:
+                    raise TTRPCError(Code.INTERNAL, f"checkpoint container {task.id}: the checkpoint is written "
+                                                    f"but thawing/freezing the paused container failed: {exc}") from exc
+        finally:
+            await self.inner.after_checkpoint(task, image_dir, keeps_running, was_paused, failure)
+
+    # -- restore --------------------------------------------------------------------------------
+    async def before_restore(self, task: TaskHandle, image_dir: str) -> None:
+        """The GPU placement of the checkpointed CUDA processes (identity or remap), or
+        TTRPCError(FAILED_PRECONDITION) before anything is created."""
+        self._bind(task)
+        await self.inner.before_restore(task, image_dir)
+        await self.gpu.plan_restore(image_dir)
+
+    async def after_restore(self, task: TaskHandle, image_dir: str) -> None:
+        """Resume the restored CUDA processes that are not running, with the GPU map the placement
+        decided (else the kybernate.io/gpu-map annotation's). On failure the restored task is killed
+        (the caller then undoes the restore) and the error names the process and the CUDA error."""
+        self._bind(task)
+        gpu = self.gpu
         try:
-            async with _thawed(container, was_paused):
-                await gpu.put_back(suspension, "checkpoint (leave running)")
-        except RuntimeCommandError as exc:
-            raise TTRPCError(Code.INTERNAL, f"checkpoint container {container.id}: the checkpoint is written "
-                                            f"but thawing/freezing the paused container failed: {exc}") from exc
+            gpu_map = gpu.placement.gpu_map if gpu.placement is not None else gpu.settings().gpu_map
+            resumed = await gpu.resume_restored(gpu_map)
+        except BaseException:
+            try:
+                await task.runtime.kill(task.id, int(signal.SIGKILL), all=True)
+            except RuntimeCommandError as exc:
+                log.warning("container %s: kill after failed CUDA resume: %s", task.id, exc)
+            raise
+        if gpu.placement is not None and not resumed:
+            log.info("container %s: %s lists CUDA process(es); none needed resuming", task.id, RECORD_NAME)
+        await self.inner.after_restore(task, image_dir)
+
+    # -- pause and resume -------------------------------------------------------------------------
+    async def before_pause(self, task: TaskHandle) -> None:
+        """Suspend the CUDA processes before the freeze, so the VRAM is released (unless
+        kybernate.io/gpu-pause: keep)."""
+        self._bind(task)
+        await self.inner.before_pause(task)
+        gpu = self.gpu
+        self._suspension = None
+        if gpu.settings().release_on_pause and gpu.candidates():
+            self._suspension = await gpu.suspend("pause", "pause")
+
+    async def after_pause(self, task: TaskHandle, failure: Optional[BaseException]) -> None:
+        """The freeze failed: resume what was suspended. It worked: remember it for Resume."""
+        suspension, self._suspension = self._suspension, None
+        try:
+            if failure is not None:
+                if suspension is not None:
+                    await self.gpu.put_back(suspension, "pause rollback")
+                return
+            self.gpu.paused = suspension
+        finally:
+            await self.inner.after_pause(task, failure)
+
+    async def after_resume(self, task: TaskHandle) -> None:
+        """After the thaw: resume what Pause suspended. If that fails the container is frozen again,
+        so that it stays truthfully paused and Resume can be retried."""
+        self._bind(task)
+        suspension = self.gpu.paused
+        if suspension is not None:
+            try:
+                await self.gpu.put_back(suspension, "resume")
+            except TTRPCError as exc:
+                try:
+                    await task.runtime.pause(task.id)
+                    suffix = "; the container stays paused (Resume again to retry)"
+                except RuntimeCommandError as freeze_exc:
+                    suffix = f"; freezing it again failed too ({freeze_exc}): it runs with CUDA suspended"
+                raise TTRPCError(exc.code, exc.message + suffix) from exc
+            self.gpu.paused = None
+        await self.inner.after_resume(task)
 
 
-@asynccontextmanager
-async def _thawed(container: "Container", active: bool) -> AsyncIterator[None]:
+class _Thawed:
     """Thaw a paused container for driver calls (a frozen process cannot answer the driver's lock or
     restore) and freeze it again afterwards, also after a failure."""
-    if not active:
-        yield
-        return
-    await _thaw(container)
-    try:
-        yield
-    finally:
-        await _freeze(container)
+
+    def __init__(self, task: TaskHandle, active: bool):
+        self.task, self.active = task, active
+
+    async def __aenter__(self) -> None:
+        if self.active:
+            await self.task.runtime.resume(self.task.id)
+
+    async def __aexit__(self, *exc) -> None:
+        if self.active:
+            await self.task.runtime.pause(self.task.id)
 
 
-async def _roll_back(container: "Container", gpu: ContainerGpu, suspension: Suspension, was_paused: bool,
+
+async def _roll_back(task: TaskHandle, gpu: "ContainerGpu", suspension: Suspension, was_paused: bool,
                      cause: BaseException) -> None:
     """After a failed runtime checkpoint: thaw, put every CUDA process back, freeze again if it was
     paused. A failure here replaces the original error by one that says both."""
     problems = []
     try:
-        if was_paused or _frozen(container):
-            await _thaw(container)
-    except RuntimeCommandError as exc:
+        if was_paused or frozen(task):
+            await task.runtime.resume(task.id)
+    except (RuntimeCommandError, OSError) as exc:
         problems.append(f"thaw failed: {exc}")
     try:
         await gpu.put_back(suspension, "checkpoint rollback")
@@ -676,77 +518,25 @@ async def _roll_back(container: "Container", gpu: ContainerGpu, suspension: Susp
         problems.append(exc.message)
     if was_paused:
         try:
-            await _freeze(container)
+            await task.runtime.pause(task.id)
         except RuntimeCommandError as exc:
             problems.append(f"freezing it again failed: {exc}")
     if problems:
         first = getattr(cause, "message", None) or str(cause)
-        raise TTRPCError(Code.INTERNAL, f"checkpoint container {container.id} failed ({first}) and the rollback "
+        raise TTRPCError(Code.INTERNAL, f"checkpoint container {task.id} failed ({first}) and the rollback "
                                         f"failed too: " + "; ".join(problems)) from cause
-    log.info("container %s: checkpoint failed; its %d CUDA process(es) were resumed", container.id,
+    log.info("container %s: checkpoint failed; its %d CUDA process(es) were resumed", task.id,
              len(suspension.processes))
 
 
-async def before_restore(container: "Container") -> Optional["Placement"]:
-    """Before ``runc restore``: the GPU placement of the checkpointed CUDA processes (identity or
-    remap), or TTRPCError(FAILED_PRECONDITION) when they cannot be restored onto the GPUs the new
-    container's spec gives it. Nothing for an image without CUDA processes."""
-    return await of(container).plan_restore(container.restore_from)
-
-
-async def after_restore(container: "Container", gpu_map: Optional[Mapping] = None) -> None:
-    """After ``runc restore``: resume the restored CUDA processes that are not running, with the GPU
-    map `before_restore` decided (else the kybernate.io/gpu-map annotation's). On failure the
-    restored task is killed and the error names the process and the CUDA error."""
-    gpu = of(container)
-    image_dir = container.restore_from
-    record = read_record(image_dir) if image_dir else None
-    try:
-        if gpu_map is None:
-            gpu_map = gpu.placement.gpu_map if gpu.placement is not None else gpu.settings().gpu_map
-        resumed = await gpu.resume_restored(gpu_map)
-    except BaseException:
-        try:
-            await container.runtime.kill(container.id, int(signal.SIGKILL), all=True)
-        except RuntimeCommandError as exc:
-            log.warning("container %s: kill after failed CUDA resume: %s", container.id, exc)
-        raise
-    if record and record.get("processes") and not resumed:
-        log.info("container %s: %s lists %d CUDA process(es); none needed resuming", container.id,
-                 RECORD_NAME, len(record["processes"]))
-
-
-@asynccontextmanager
-async def pausing(container: "Container") -> AsyncIterator[None]:
-    """Around the runtime's pause (the freeze): suspend the CUDA processes first, so the VRAM is
-    released; if the freeze fails they are resumed. Off with kybernate.io/gpu-pause: keep."""
-    gpu = of(container)
-    suspension = None
-    if gpu.candidates() and gpu.settings().release_on_pause:
-        suspension = await gpu.suspend("pause", "pause")
-    try:
-        yield
-    except BaseException:
-        if suspension is not None:
-            await gpu.put_back(suspension, "pause rollback")
-        raise
-    gpu.paused = suspension
-
-
-async def after_thaw(container: "Container") -> None:
-    """After the runtime's resume (the thaw): resume what Pause suspended. If that fails the
-    container is frozen again, so that it stays truthfully paused and Resume can be retried."""
-    gpu = of(container)
-    suspension = gpu.paused
-    if suspension is None:
-        return
-    try:
-        await gpu.put_back(suspension, "resume")
-    except TTRPCError as exc:
-        try:
-            await _freeze(container)
-            suffix = "; the container stays paused (Resume again to retry)"
-        except RuntimeCommandError as freeze_exc:
-            suffix = f"; freezing it again failed too ({freeze_exc}): it runs with CUDA suspended"
-        raise TTRPCError(exc.code, exc.message + suffix) from exc
-    gpu.paused = None
+def stack(inner: LifecycleLayer, task_id: str, spec: Mapping, *, has_gpus: bool, restore_image: str = "",
+          libcuda: str = "", node_has_driver: Optional[bool] = None) -> LifecycleLayer:
+    """The container's layers, chosen once at Create: the GPU layer on top of `inner` when the
+    container has GPUs (its spec, as the runtime selection read it), restores an image with a GPU
+    record, or the node has a CUDA driver (a process may still map it: the layer then costs one read
+    of /proc/PID/maps per process and operation); else `inner` alone."""
+    if node_has_driver is None:
+        node_has_driver = bool(libcuda) or NVIDIA_VERSION.exists()
+    if has_gpus or node_has_driver or (restore_image and has_record(restore_image)):
+        return GpuLayer(inner, task_id, spec, libcuda=libcuda)
+    return inner

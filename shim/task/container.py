@@ -2,7 +2,10 @@
 
 The Task service finds a Container and calls one method per RPC; each method checks the process's
 state (`shim.task.process.transition`), does the runtime work (`shim.runtime.runc.Runc`) and records the new
-state. Checkpoint and restore go through `shim.checkpoint.seam`.
+state. Checkpoint and restore go through `shim.checkpoint.seam`; pause, resume, checkpoint and restore
+call the container's layer stack (`shim.checkpoint.layer`: the plain CRIU path, with the GPU layer
+on top for a container that has GPUs), chosen once at Create. The seam and the layers get a
+`TaskHandle`, never the container.
 """
 from __future__ import annotations
 
@@ -17,8 +20,11 @@ from typing import Any
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
-from shim.gpu import lifecycle as gpu
-from shim.checkpoint import seam as lifecycle
+from shim.checkpoint import seam
+from shim.checkpoint.layer import LifecycleLayer, PlainLayer, TaskHandle
+from shim.checkpoint.settings import CheckpointSettings
+from shim.gpu import lifecycle as gpu_lifecycle
+from shim.policy.node import NodeConfig, NodeConfigError
 from shim.runtime import mount as mountlib
 from shim.task.console import Console, ConsoleSocket
 from shim.task.io import IOSetupError, ProcessIO, StdioPaths
@@ -81,7 +87,7 @@ def _parse_options(container_id: str, options_any):
 
 class Container:
     def __init__(self, container_id: str, bundle: str, namespace: str, runtime: Runc, choice: RuntimeChoice,
-                 spec: dict, rootfs: str, options: Any, reaper: Reaper):
+                 spec: dict, rootfs: str, options: Any, reaper: Reaper, layer: LifecycleLayer | None = None):
         self.id = container_id
         self.bundle = bundle
         self.namespace = namespace
@@ -97,9 +103,14 @@ class Container:
         self.cgroup = None
         self.oom_watcher = None
         self.restore_from: str = ""  # checkpoint image dir when created from a checkpoint
-        self.checkpoint_settings = lifecycle.CheckpointSettings({}, None)  # set by create (annotations, options)
+        self.checkpoint_settings = CheckpointSettings({}, None)  # set by create (annotations, options)
         self.parent_checkpoint: str = ""
         self.own_pid_namespace = _uses_pid_namespace(spec)
+        self.layer: LifecycleLayer = layer or PlainLayer()
+        self.handle = TaskHandle(container_id, namespace, bundle, spec, runtime, self._init_pid)
+
+    def _init_pid(self) -> int:
+        return self.init.pid if self.init is not None else 0
 
     # -- create --------------------------------------------------------------------------------
     @classmethod
@@ -120,6 +131,10 @@ class Container:
                              f"create container {cid}: invalid bundle {bundle}: config.json: {exc}") from exc
         options = _parse_options(cid, req.options if req.HasField("options") else None)
         try:
+            node = NodeConfig.load()
+        except NodeConfigError as exc:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"create container {cid}: {exc}") from exc
+        try:
             choice = select_runtime(spec, options.binary_name, container_id=cid)
         except RuntimeSelectionError as exc:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"create container {cid}: {exc}") from exc
@@ -131,7 +146,10 @@ class Container:
                               "criu_path": options.criu_path, "reason": choice.reason, "options": options.source})
 
         # checkpoint settings, restore source (checked), CRIU config: before anything is created
-        settings, restore_image = lifecycle.prepare_create(req, spec, options, bundle)
+        settings, restore_image = seam.prepare_create(req, spec, options, bundle)
+        # the layer stack, once: a malformed GPU annotation refuses the Create here
+        layer = gpu_lifecycle.stack(PlainLayer(), cid, spec, has_gpus=choice.gpu, restore_image=restore_image,
+                                    libcuda=node.libcuda)
 
         rootfs = ""
         mounted = False
@@ -144,7 +162,7 @@ class Container:
             except OSError as exc:
                 raise TTRPCError(Code.UNKNOWN, f"create container {cid}: mount rootfs: {exc}") from exc
 
-        c = cls(cid, bundle, namespace, runtime, choice, spec, rootfs if mounted else "", options, reaper)
+        c = cls(cid, bundle, namespace, runtime, choice, spec, rootfs if mounted else "", options, reaper, layer)
         c.checkpoint_settings = settings
         paths = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
         init = InitProcess(cid, cid, paths)
@@ -153,13 +171,13 @@ class Container:
             if restore_image:
                 c.restore_from = restore_image
                 c.parent_checkpoint = req.parent_checkpoint
-                init.state = State.CREATED_CHECKPOINT  # the runtime restores it on Start (lifecycle.restore)
+                init.state = State.CREATED_CHECKPOINT  # the runtime restores it on Start (_restore_init)
             else:
                 await c._create_init(init)
         except BaseException:
             await c._cleanup_failed_create()
             raise
-        gpu.prepare(c)  # a GPU bundle: load the CUDA driver in the background, before the first checkpoint
+        c.layer.prepare(c.handle)  # the GPU layer loads the CUDA driver in the background now
         return c
 
     async def _create_init(self, init: InitProcess) -> None:
@@ -183,6 +201,48 @@ class Container:
         finally:
             if sock is not None:
                 sock.close()
+
+    async def _restore_init(self, init: InitProcess) -> None:
+        """Start of a container created from a checkpoint: the seam restores it with this task's IO
+        (pipes, or the console socket); then the IO is attached and the layer's after_restore runs.
+        Any failure undoes the whole restore (`_undo_restore`)."""
+        sock = ConsoleSocket() if init.paths.terminal else None
+        try:
+            if sock is None:
+                init.io = await self._make_io(init)
+            pid = await seam.restore(self.handle, self.layer, self.restore_from, self.checkpoint_settings,
+                                     stdio=init.io.child if init.io else None,
+                                     console_socket=sock.path if sock else None,
+                                     terminal=init.paths.terminal, no_pivot=self.options.no_pivot_root)
+            await self._attach_io(init, sock)
+            init.pid = pid
+            await self.layer.after_restore(self.handle, self.restore_from)
+        except BaseException:
+            await self._undo_restore()
+            raise
+        finally:
+            if sock is not None:
+                sock.close()
+
+    async def _undo_restore(self) -> None:
+        """A restore that failed leaves no process, runc state, cgroup or mount: CRIU kills what it
+        restored, ``runc delete --force`` removes its state and cgroups, the rootfs is unmounted; the init
+        process is marked stopped (status 255) so that containerd's Delete has nothing left to do."""
+        init = self.init
+        assert init is not None
+        await init.close_io()
+        try:
+            await self.runtime.delete(self.id, force=True)
+        except RuntimeCommandError as exc:
+            if not exc.not_exist:
+                log.warning("container %s: runc delete after failed restore: %s", self.id, exc)
+        if self.rootfs:
+            try:
+                mountlib.unmount_recursive(self.rootfs)
+                self.rootfs = ""
+            except OSError as exc:
+                log.warning("container %s: unmount rootfs after failed restore: %s", self.id, exc)
+        init.set_exited(255)
 
     async def _make_io(self, proc: Process) -> ProcessIO:
         try:
@@ -236,7 +296,7 @@ class Container:
         p.check(Op.START)
         if isinstance(p, InitProcess):
             if p.state is State.CREATED_CHECKPOINT:
-                await lifecycle.restore(self)
+                await self._restore_init(p)
             else:
                 try:
                     await self.runtime.start(self.id)
@@ -368,11 +428,15 @@ class Container:
         p = self.init
         assert p is not None
         p.check(Op.PAUSE)
-        async with gpu.pausing(self):  # CUDA processes suspended first: the freeze releases their VRAM
-            try:
-                await self.runtime.pause(self.id)
-            except RuntimeCommandError as exc:
+        await self.layer.before_pause(self.handle)  # the GPU layer suspends CUDA: the freeze releases VRAM
+        try:
+            await self.runtime.pause(self.id)
+        except BaseException as exc:
+            await self.layer.after_pause(self.handle, exc)
+            if isinstance(exc, RuntimeCommandError):
                 raise runtime_error(exc, f"pause container {self.id}") from exc
+            raise
+        await self.layer.after_pause(self.handle, None)
         p.apply(Op.PAUSE)
 
     async def resume(self) -> None:
@@ -383,7 +447,7 @@ class Container:
             await self.runtime.resume(self.id)
         except RuntimeCommandError as exc:
             raise runtime_error(exc, f"resume container {self.id}") from exc
-        await gpu.after_thaw(self)  # CUDA processes that Pause suspended
+        await self.layer.after_resume(self.handle)  # CUDA processes that Pause suspended
         p.apply(Op.RESUME)
 
     async def update(self, resources_any) -> None:
@@ -424,7 +488,8 @@ class Container:
         p = self.init
         assert p is not None
         p.check(Op.CHECKPOINT)
-        return await lifecycle.checkpoint(self, request)
+        return await seam.checkpoint(self.handle, self.layer, self.checkpoint_settings, request,
+                                     was_paused=p.state is State.PAUSED)
 
     async def kill_all(self) -> None:
         """SIGKILL everything left in the container (init exited and no pid namespace of its own)."""

@@ -36,7 +36,8 @@ from typing import Optional
 
 import pytest
 
-from shim.gpu.lifecycle import RECORD_NAME, mapped_libcuda
+from shim.gpu.procfs import mapped_libcuda
+from shim.gpu.records import RECORD_NAME
 from tests.integration.harness import KYBERNATE_RUNTIME, SHIM_BINARY, Containerd, unavailable_reason
 
 GiB = 1 << 30

@@ -271,12 +271,12 @@ def test_lifecycle_output_and_event_order(shim, tmp_path):
     deleted = shim.call("Delete", api.DeleteRequest(id="life"))
     assert deleted.exit_status == 3 and deleted.pid == created.pid
     # TaskExit was delivered before Delete returned
-    assert shim.task.events.topics("life")[:3] == ["/tasks/create", "/tasks/start", "/tasks/exit"]
-    shim.task.events.wait_for("life", "/tasks/delete")
-    assert shim.task.events.topics("life") == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
-    exit_event = shim.task.events.wait_for("life", "/tasks/exit")
+    assert shim.events.topics("life")[:3] == ["/tasks/create", "/tasks/start", "/tasks/exit"]
+    shim.events.wait_for("life", "/tasks/delete")
+    assert shim.events.topics("life") == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    exit_event = shim.events.wait_for("life", "/tasks/exit")
     assert (exit_event.id, exit_event.pid, exit_event.exit_status) == ("life", created.pid, 3)
-    assert {ns for ns, _, _ in shim.task.events.events} == {shim.namespace}
+    assert {ns for ns, _, _ in shim.events.events} == {shim.namespace}
     shim.created.remove("life")
     os.close(out_fd)
     os.close(err_fd)
@@ -305,7 +305,7 @@ def test_exec_processes_exit_before_init(shim, tmp_path):
     out_path, out_fd = fifo(tmp_path / "exec-out")
     shim.call("Exec", api.ExecProcessRequest(id="ex", exec_id="e1", stdout=out_path,
                                              spec=pack_process(spec)))
-    assert shim.task.events.wait_for("ex", "/tasks/exec-added").exec_id == "e1"
+    assert shim.events.wait_for("ex", "/tasks/exec-added").exec_id == "e1"
     st = shim.call("Start", api.StartRequest(id="ex", exec_id="e1"))
     assert st.pid > 0
     assert shim.call("Wait", api.WaitRequest(id="ex", exec_id="e1")).exit_status == 5
@@ -325,7 +325,7 @@ def test_exec_processes_exit_before_init(shim, tmp_path):
     deadline = time.monotonic() + 10
     exits: list[str] = []
     while len(exits) < 3 and time.monotonic() < deadline:
-        exits = [e.id for _, t, e in shim.task.events.events if t == "/tasks/exit" and e.container_id == "ex"]
+        exits = [e.id for _, t, e in shim.events.events if t == "/tasks/exit" and e.container_id == "ex"]
         time.sleep(0.02)
     assert exits == ["e1", "e2", "ex"]
     shim.call("Delete", api.DeleteRequest(id="ex", exec_id="e1"))
@@ -572,7 +572,7 @@ def test_checkpoint_and_restore_through_the_lifecycle(shim, tmp_path):
     assert read_count() > first  # the counter goes on from where it was
     shim.call("Kill", api.KillRequest(id="ck2", signal=9))
     assert shim.call("Wait", api.WaitRequest(id="ck2")).exit_status == 137
-    topics = shim.task.events.topics("ck2")
+    topics = shim.events.topics("ck2")
     assert topics[:2] == ["/tasks/create", "/tasks/start"]
 
 
@@ -745,7 +745,7 @@ def test_cri_style_toml_options_reach_the_runtime(shim, tmp_path):
 def test_pod_containers_share_one_shim(shim, tmp_path):
     """Bundles annotated with the same io.kubernetes.cri.sandbox-id get the same shim from `start`."""
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "KYBERNATE_WARM": "0",
-           "TTRPC_ADDRESS": shim.task.events.path}
+           "TTRPC_ADDRESS": shim.events.path}
     addresses, pids = [], []
     for cid in ("pause", "app"):
         bundle = shim.bundle(cid, ["sleep", "1000"])

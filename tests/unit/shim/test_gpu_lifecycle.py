@@ -22,7 +22,11 @@ import pytest
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
+from shim.checkpoint.layer import PlainLayer
 from shim.gpu import lifecycle as gpu
+from shim.gpu import procfs as gpu_procfs
+from shim.gpu import records as gpu_records
+from shim.gpu import settings as gpu_settings
 from shim.task.container import Container
 from shim.task.io import StdioPaths
 from shim.task.process import InitProcess, State
@@ -115,7 +119,7 @@ def make_container(tmp_path: Path, runtime: FakeRuntime, pids, driver_loader, an
     init.state = state
     init.pid = os.getpid()
     c.init = init
-    c._kybernate_gpu = gpu.ContainerGpu(cid, spec, lambda: list(pids), driver_loader=driver_loader)
+    c.layer = gpu.GpuLayer(PlainLayer(), c.id, c.spec, gpu=gpu.ContainerGpu(cid, spec, lambda: list(pids), driver_loader=driver_loader))
     return c
 
 
@@ -170,7 +174,7 @@ def test_checkpoint_leave_running_suspends_all_then_resumes_all(fake, procs, tmp
 
     async def go():
         c = make_container(tmp_path, runtime, pids + [cpu], loader(fake),
-                           {gpu.LOCK_TIMEOUT_ANNOTATION: "2500"})
+                           {gpu_settings.LOCK_TIMEOUT_ANNOTATION: "2500"})
         await c.checkpoint(checkpoint_request(image))
 
     run(go)
@@ -187,7 +191,7 @@ def test_checkpoint_leave_running_suspends_all_then_resumes_all(fake, procs, tmp
     # order: every checkpoint done before runc checkpoint, every restore after it
     ckpt_ns = next(t for t, what in clock.events if what == "checkpoint")
     assert last_call_ns(fake, "checkpoint") <= ckpt_ns <= first_call_ns(fake, "restore")
-    record = json.loads((image / gpu.RECORD_NAME).read_text())
+    record = json.loads((image / gpu_records.RECORD_NAME).read_text())
     assert sorted(p["pid"] for p in record["processes"]) == sorted(pids)
     uuids = fake.driver().device_uuids()
     assert record["visible_gpus"] == uuids and record["gpus"] == sorted(uuids)
@@ -211,8 +215,8 @@ def test_checkpoint_with_exit_leaves_processes_checkpointed(fake, procs, tmp_pat
     for p in pids:
         assert fake.calls(p) == ["lock", "checkpoint"]
     assert runtime.calls == ["checkpoint"]
-    assert gpu.of(c).paused is None
-    assert json.loads((tmp_path / "image" / gpu.RECORD_NAME).read_text())["keeps_running"] is False
+    assert c.layer.gpu.paused is None
+    assert json.loads((tmp_path / "image" / gpu_records.RECORD_NAME).read_text())["keeps_running"] is False
 
 
 def test_checkpoint_rolls_back_when_one_process_fails_to_checkpoint(fake, procs, tmp_path):
@@ -239,7 +243,7 @@ def test_checkpoint_rolls_back_when_one_process_fails_to_checkpoint(fake, procs,
         if calls and p != bad:
             assert calls in (["lock", "checkpoint", "restore", "unlock"], ["lock", "unlock"]), calls
     assert fake.calls(bad)[-1] == "unlock"
-    assert not (tmp_path / "image" / gpu.RECORD_NAME).exists()
+    assert not (tmp_path / "image" / gpu_records.RECORD_NAME).exists()
 
 
 def test_checkpoint_lock_timeout_is_reported_and_nothing_stays_locked(fake, procs, tmp_path):
@@ -249,7 +253,7 @@ def test_checkpoint_lock_timeout_is_reported_and_nothing_stays_locked(fake, proc
     runtime = FakeRuntime(Clock())
 
     async def go():
-        c = make_container(tmp_path, runtime, pids, loader(fake), {gpu.LOCK_TIMEOUT_ANNOTATION: "50"})
+        c = make_container(tmp_path, runtime, pids, loader(fake), {gpu_settings.LOCK_TIMEOUT_ANNOTATION: "50"})
         await c.checkpoint(checkpoint_request(tmp_path / "image"))
 
     with pytest.raises(TTRPCError) as info:
@@ -264,7 +268,7 @@ def test_runc_checkpoint_failure_thaws_then_resumes_everything(fake, procs, tmp_
     clock = Clock()
     runtime = FakeRuntime(clock)
     runtime.fail["checkpoint"] = "criu failed: type NOTIFY errno 0"
-    monkeypatch.setattr(gpu, "_frozen", lambda container: True)  # CRIU left the cgroup frozen
+    monkeypatch.setattr(gpu, "frozen", lambda task: True)  # CRIU left the cgroup frozen
 
     async def go():
         c = make_container(tmp_path, runtime, pids, loader(fake))
@@ -279,7 +283,7 @@ def test_runc_checkpoint_failure_thaws_then_resumes_everything(fake, procs, tmp_
         assert fake.calls(p) == ["lock", "checkpoint", "restore", "unlock"]
     thaw_ns = next(t for t, what in clock.events if what == "resume")
     assert thaw_ns <= first_call_ns(fake, "restore")  # thawed before the driver's restore
-    assert not (tmp_path / "image" / gpu.RECORD_NAME).exists()
+    assert not (tmp_path / "image" / gpu_records.RECORD_NAME).exists()
 
 
 def test_runc_checkpoint_failure_with_failing_rollback_says_both(fake, procs, tmp_path):
@@ -326,7 +330,7 @@ def test_checkpoint_of_a_task_paused_by_us_does_no_cuda_work(fake, procs, tmp_pa
     assert runtime.calls == ["pause", "checkpoint", "resume"]
     assert fake.states() == {p: RUNNING for p in pids}
     assert c.init.state is State.RUNNING
-    assert json.loads((tmp_path / "image" / gpu.RECORD_NAME).read_text())["suspended_by"] == "pause"
+    assert json.loads((tmp_path / "image" / gpu_records.RECORD_NAME).read_text())["suspended_by"] == "pause"
 
 
 def test_checkpoint_of_a_paused_task_that_keeps_vram_thaws_for_the_driver(fake, procs, tmp_path):
@@ -336,7 +340,7 @@ def test_checkpoint_of_a_paused_task_that_keeps_vram_thaws_for_the_driver(fake, 
     runtime = FakeRuntime(clock)
 
     async def go():
-        c = make_container(tmp_path, runtime, pids, loader(fake), {gpu.PAUSE_ANNOTATION: "keep"})
+        c = make_container(tmp_path, runtime, pids, loader(fake), {gpu_settings.PAUSE_ANNOTATION: "keep"})
         await c.pause()
         assert fake.log("lock") == []  # keep: the freeze alone
         await c.checkpoint(checkpoint_request(tmp_path / "image"))
@@ -374,7 +378,7 @@ def test_pause_suspends_before_freeze_and_resume_thaws_before_resume(fake, procs
     thaw_ns = next(t for t, what in clock.events if what == "resume")
     assert last_call_ns(fake, "checkpoint") <= freeze_ns  # suspend all, then freeze
     assert thaw_ns <= first_call_ns(fake, "restore")  # thaw, then resume all
-    assert gpu.of(c).paused is None
+    assert c.layer.gpu.paused is None
 
 
 def test_pause_with_keep_annotation_only_freezes(fake, procs, tmp_path):
@@ -384,7 +388,7 @@ def test_pause_with_keep_annotation_only_freezes(fake, procs, tmp_path):
     load = loader(fake)
 
     async def go():
-        c = make_container(tmp_path, runtime, pids, load, {gpu.PAUSE_ANNOTATION: "keep"})
+        c = make_container(tmp_path, runtime, pids, load, {gpu_settings.PAUSE_ANNOTATION: "keep"})
         await c.pause()
         await c.resume()
 
@@ -409,7 +413,7 @@ def test_pause_resumes_cuda_when_the_freeze_fails(fake, procs, tmp_path):
     c = run(go)
     assert c.init.state is State.RUNNING
     assert fake.states() == {p: RUNNING for p in pids}
-    assert gpu.of(c).paused is None
+    assert c.layer.gpu.paused is None
 
 
 def test_resume_failure_freezes_again_and_a_retry_finishes(fake, procs, tmp_path):
@@ -471,7 +475,7 @@ def test_restore_resumes_only_what_the_driver_reports_not_running(fake, procs, t
         c = make_container(tmp_path, runtime, [running, checkpointed, locked], loader(fake),
                            state=State.CREATED_CHECKPOINT)
         c.restore_from = str(tmp_path / "image")
-        await gpu.after_restore(c)
+        await c.layer.after_restore(c.handle, c.restore_from)
 
     run(go)
     assert fake.calls(running) == []  # CRIU's plugin already resumed it
@@ -488,8 +492,8 @@ def test_restore_passes_the_gpu_map_through(fake, procs, tmp_path):
 
     async def go():
         c = make_container(tmp_path, FakeRuntime(Clock()), [pid], loader(fake), state=State.CREATED_CHECKPOINT,
-                           annotations={gpu.GPU_MAP_ANNOTATION: f"{uuids[0]}={uuids[1]}"})
-        await gpu.after_restore(c)
+                           annotations={gpu_settings.GPU_MAP_ANNOTATION: f"{uuids[0]}={uuids[1]}"})
+        await c.layer.after_restore(c.handle, c.restore_from)
 
     run(go)
     (restore,) = fake.log("restore")
@@ -505,7 +509,7 @@ def test_restore_failure_kills_the_task_and_names_pid_and_error(fake, procs, tmp
 
     async def go():
         c = make_container(tmp_path, runtime, [ok, bad], loader(fake), state=State.CREATED_CHECKPOINT)
-        await gpu.after_restore(c)
+        await c.layer.after_restore(c.handle, c.restore_from)
 
     with pytest.raises(TTRPCError) as info:
         run(go)
@@ -522,7 +526,7 @@ def test_restore_of_a_failed_process_is_refused(fake, procs, tmp_path):
 
     async def go():
         c = make_container(tmp_path, runtime, [pid], loader(fake), state=State.CREATED_CHECKPOINT)
-        await gpu.after_restore(c)
+        await c.layer.after_restore(c.handle, c.restore_from)
 
     with pytest.raises(TTRPCError) as info:
         run(go)
@@ -542,11 +546,11 @@ def test_cpu_only_container_never_loads_the_driver(procs, tmp_path):
         await c.pause()
         await c.resume()
         c.init.state = State.CREATED_CHECKPOINT
-        await gpu.after_restore(c)
+        await c.layer.after_restore(c.handle, c.restore_from)
 
     run(go)
     assert runtime.calls == ["checkpoint", "pause", "resume"]
-    assert not (image / gpu.RECORD_NAME).exists()
+    assert not (image / gpu_records.RECORD_NAME).exists()
 
 
 def test_cpu_only_path_imports_neither_cuda_bindings_nor_cffi(tmp_path):
@@ -554,7 +558,11 @@ def test_cpu_only_path_imports_neither_cuda_bindings_nor_cffi(tmp_path):
     code = f"""
 import asyncio, os, subprocess, sys
 sys.path.insert(0, {str(REPO)!r})
+from shim.checkpoint.layer import PlainLayer
 from shim.gpu import lifecycle as gpu
+from shim.gpu import procfs as gpu_procfs
+from shim.gpu import records as gpu_records
+from shim.gpu import settings as gpu_settings
 child = subprocess.Popen(["sleep", "30"])
 g = gpu.ContainerGpu("cpu1", {{}}, lambda: [os.getpid(), child.pid])
 async def go():
@@ -586,23 +594,48 @@ def test_process_mapping_libcuda_without_cuda_state_is_skipped(fake, procs, tmp_
 
 # ---- settings and /proc helpers ---------------------------------------------------------------------
 @pytest.mark.parametrize("annotations, error", [
-    ({gpu.LOCK_TIMEOUT_ANNOTATION: "ten"}, "not an integer"),
-    ({gpu.LOCK_TIMEOUT_ANNOTATION: "0"}, "wait forever"),
-    ({gpu.PAUSE_ANNOTATION: "maybe"}, "'keep' or 'release'"),
-    ({gpu.GPU_MAP_ANNOTATION: "GPU-a"}, "OLD_UUID=NEW_UUID"),
+    ({gpu_settings.LOCK_TIMEOUT_ANNOTATION: "ten"}, "not an integer"),
+    ({gpu_settings.LOCK_TIMEOUT_ANNOTATION: "0"}, "wait forever"),
+    ({gpu_settings.PAUSE_ANNOTATION: "maybe"}, "'keep' or 'release'"),
+    ({gpu_settings.GPU_MAP_ANNOTATION: "GPU-a"}, "OLD_UUID=NEW_UUID"),
 ])
 def test_bad_annotations_are_refused_with_their_name(annotations, error):
     with pytest.raises(TTRPCError) as info:
-        gpu.GpuSettings.from_spec({"annotations": annotations}, "c9")
-    assert info.value.code is Code.FAILED_PRECONDITION
+        gpu_settings.GpuSettings.from_spec({"annotations": annotations}, "c9")
+    assert info.value.code is Code.INVALID_ARGUMENT
     assert error in info.value.message and next(iter(annotations)) in info.value.message
+    assert "container c9" in info.value.message
+
+
+def test_a_bad_gpu_annotation_refuses_the_create_with_an_audit_line(caplog):
+    """The layer parses its annotations when it is made (at Create), not at the first checkpoint."""
+    spec = {"annotations": {gpu_settings.LOCK_TIMEOUT_ANNOTATION: "ten"}}
+    with caplog.at_level("WARNING", logger="kybernate.audit"):
+        with pytest.raises(TTRPCError) as info:
+            gpu.stack(PlainLayer(), "c9", spec, has_gpus=True)
+    assert info.value.code is Code.INVALID_ARGUMENT
+    assert any("AUDIT refused container=c9" in r.getMessage() and gpu_settings.LOCK_TIMEOUT_ANNOTATION in r.getMessage()
+               for r in caplog.records)
+
+
+def test_the_layer_stack_is_chosen_once_from_what_the_container_has(tmp_path):
+    assert isinstance(gpu.stack(PlainLayer(), "c", {}, has_gpus=False, node_has_driver=False), PlainLayer)
+    assert isinstance(gpu.stack(PlainLayer(), "c", {}, has_gpus=True, node_has_driver=False), gpu.GpuLayer)
+    assert isinstance(gpu.stack(PlainLayer(), "c", {}, has_gpus=False, node_has_driver=True), gpu.GpuLayer)
+    image = tmp_path / "image"
+    image.mkdir()
+    assert isinstance(gpu.stack(PlainLayer(), "c", {}, has_gpus=False, restore_image=str(image),
+                                node_has_driver=False), PlainLayer)
+    (image / gpu_records.RECORD_NAME).write_text("{}")
+    assert isinstance(gpu.stack(PlainLayer(), "c", {}, has_gpus=False, restore_image=str(image),
+                                node_has_driver=False), gpu.GpuLayer)
 
 
 def test_default_settings():
-    s = gpu.GpuSettings.from_spec({}, "c9")
+    s = gpu_settings.GpuSettings.from_spec({}, "c9")
     assert (s.lock_timeout_ms, s.release_on_pause, s.gpu_map) == (10_000, True, None)
-    s = gpu.GpuSettings.from_spec({"annotations": {gpu.PAUSE_ANNOTATION: "keep",
-                                                   gpu.GPU_MAP_ANNOTATION: "GPU-a=GPU-b, GPU-c=GPU-d"}}, "c9")
+    s = gpu_settings.GpuSettings.from_spec({"annotations": {gpu_settings.PAUSE_ANNOTATION: "keep",
+                                                   gpu_settings.GPU_MAP_ANNOTATION: "GPU-a=GPU-b, GPU-c=GPU-d"}}, "c9")
     assert s.release_on_pause is False and s.gpu_map == {"GPU-a": "GPU-b", "GPU-c": "GPU-d"}
 
 
@@ -626,25 +659,44 @@ def test_gpus_of_a_process_come_from_its_device_files(tmp_path):
         (gpus / bus).mkdir(parents=True)
         (gpus / bus / "information").write_text(
             f"Model: \t\t NVIDIA H100\nGPU UUID: \t {uuid}\nBus Location: \t {bus}\nDevice Minor: \t {minor}\n")
-    assert gpu.gpu_minors(4242, proc) == {1}
-    assert gpu.gpu_uuids_by_minor(gpus) == {0: "GPU-aaaa", 1: "GPU-bbbb"}
+    assert gpu_procfs.gpu_minors(4242, proc) == {1}
+    assert gpu_procfs.gpu_uuids_by_minor(gpus) == {0: "GPU-aaaa", 1: "GPU-bbbb"}
     g = gpu.ContainerGpu("c", {}, lambda: [], proc=proc, gpus_dir=gpus)
-    assert g._gpus_of(4242, ["GPU-aaaa", "GPU-bbbb"], gpu.gpu_uuids_by_minor(gpus)) == (["GPU-bbbb"], "device-files")
+    assert g._gpus_of(4242, ["GPU-aaaa", "GPU-bbbb"], gpu_procfs.gpu_uuids_by_minor(gpus)) == (["GPU-bbbb"], "device-files")
     assert g._gpus_of(9999, ["GPU-aaaa", "GPU-bbbb"], {}) == (["GPU-aaaa", "GPU-bbbb"], "all-visible")
 
 
-def test_driver_is_found_through_the_library_a_process_maps(fake, procs, monkeypatch):
-    """No libcuda.so.1 on the loader's path: the one the CUDA process maps is used."""
-    monkeypatch.setattr(gpu, "_driver", None)
-    monkeypatch.setenv("KYBERNATE_LIBCUDA", "/nonexistent/libcuda.so.1")
-    pid = procs.cuda_like(fake.path, None)
-    drv = gpu.load_driver([pid])
-    assert drv.path == fake.path
-    assert gpu.load_driver([]) is drv  # cached
-    monkeypatch.setattr(gpu, "_driver", None)
+def test_the_driver_is_never_loaded_from_a_container(fake, procs, monkeypatch, tmp_path):
+    """A CUDA process maps a libcuda the host loader does not know: the shim does not load that one
+    (nor through /proc/PID/root): code a container controls never runs in the root shim."""
+    from shim.gpu import driver as gpu_driver
     from cuda_bindings import DriverMissing
+
+    monkeypatch.setattr(gpu_driver, "WELL_KNOWN_DIRS", (str(tmp_path / "none"),))
+    monkeypatch.delenv("KYBERNATE_LIBCUDA", raising=False)
+    procs.cuda_like(fake.path, None)  # maps the stand-in, which the loader cannot find by name
+    loader = gpu_driver.DriverLoader()
     with pytest.raises(DriverMissing):
-        gpu.load_driver([procs.sleeper()])
+        loader()
+    assert not loader.loaded
+
+
+def test_the_node_names_the_driver_and_only_root_owned_well_known_dirs_count(fake, monkeypatch, tmp_path):
+    from shim.gpu import driver as gpu_driver
+
+    loader = gpu_driver.DriverLoader(libcuda=fake.path)
+    drv = loader()
+    assert drv.path == fake.path and loader() is drv  # cached
+    # a well-known dir that others may write is not trusted
+    d = tmp_path / "lib"
+    d.mkdir()
+    lib = d / "libcuda.so.1"
+    lib.write_bytes(Path(fake.path).read_bytes())
+    os.chmod(d, 0o777)
+    assert not gpu_driver.root_owned(str(lib))
+    os.chmod(d, 0o755)
+    os.chmod(lib, 0o644)
+    assert gpu_driver.root_owned(str(lib)) == (os.getuid() == 0)
 
 
 def test_resume_after_a_suspended_process_was_killed_resumes_the_rest(fake, procs, tmp_path):
@@ -668,15 +720,20 @@ def test_resume_after_a_suspended_process_was_killed_resumes_the_rest(fake, proc
     assert runtime.calls == ["pause", "resume"]
 
 
-def test_prepare_loads_the_driver_ahead_only_for_gpu_bundles(fake, monkeypatch):
-    import types
-    monkeypatch.setattr(gpu, "_driver", None)
-    monkeypatch.setenv("KYBERNATE_LIBCUDA", fake.path)
-    gpu.prepare(types.SimpleNamespace(id="cpu", choice=types.SimpleNamespace(gpu=False)))
+def test_prepare_loads_the_driver_ahead_only_for_gpu_containers(fake, monkeypatch, tmp_path):
+    from shim.checkpoint.layer import TaskHandle
+    from shim.gpu import driver as gpu_driver
+
+    loader = gpu_driver.DriverLoader(libcuda=fake.path)
+    monkeypatch.setattr(gpu_driver, "_loaders", {"": loader})
+    task = TaskHandle("cpu", "default", str(tmp_path), {}, None, lambda: 0)
+    plain = gpu.stack(PlainLayer(), "cpu", {}, has_gpus=False, node_has_driver=False)
+    plain.prepare(task)
     time.sleep(0.3)
-    assert gpu._driver is None
-    gpu.prepare(types.SimpleNamespace(id="gpu", choice=types.SimpleNamespace(gpu=True)))
+    assert not loader.loaded
+    layer = gpu.stack(PlainLayer(), "gpu", {}, has_gpus=True, node_has_driver=False)
+    layer.prepare(task)
     deadline = time.monotonic() + 5
-    while gpu._driver is None and time.monotonic() < deadline:
+    while not loader.loaded and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert gpu._driver is not None and gpu._driver.path == fake.path
+    assert loader.loaded and loader().path == fake.path

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,10 @@ import pytest
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
+from shim.checkpoint.layer import PlainLayer
 from shim.gpu import lifecycle as gpu
+from shim.gpu import records as gpu_records
 from shim.gpu import placement as gp
-from shim.checkpoint import seam as lifecycle
 from shim.task.process import State
 
 HERE = Path(__file__).resolve().parent
@@ -332,8 +332,8 @@ def gpu_container(tmp_path, runtime, pids, fake, spec, node, cid="gpu2", state=S
     init.pid = os.getpid()
     c.init = init
     c.restore_from = image
-    c._kybernate_gpu = gpu.ContainerGpu(cid, spec, lambda: list(pids), driver_loader=loader(fake), proc=proc,
-                                        gpus_dir=node[0], version_file=node[1])
+    c.layer = gpu.GpuLayer(PlainLayer(), c.id, c.spec, gpu=gpu.ContainerGpu(cid, spec, lambda: list(pids), driver_loader=loader(fake), proc=proc,
+                                        gpus_dir=node[0], version_file=node[1]))
     return c
 
 
@@ -369,7 +369,7 @@ def test_two_gpus_two_processes_each_suspended_in_parallel_and_recorded(fake, pr
     assert fake.states() == {p: RUNNING for p in pids}
     ckpts = fake.log("checkpoint")
     assert len(ckpts) == 4 and max(l.t0_ns for l in ckpts) < min(l.t1_ns for l in ckpts), "not in parallel"
-    rec = json.loads((image / gpu.RECORD_NAME).read_text())
+    rec = json.loads((image / gpu_records.RECORD_NAME).read_text())
     assert rec["container_gpus"] == [fake_uuid(0), fake_uuid(1)] and rec["container_gpus_source"] == "linux.devices"
     assert rec["gpu_count"] == 2 and rec["driver_release"] == "580.159.04" and rec["driver_version"] == 13000
     assert rec["gpu_models"] == {fake_uuid(0): FAKE_MODEL, fake_uuid(1): FAKE_MODEL}
@@ -394,7 +394,7 @@ def test_two_gpus_one_failure_puts_all_four_back(fake, procs, nodes, node, tmp_p
     assert info.value.code is Code.FAILED_PRECONDITION and f"pid {pids[3]}" in info.value.message
     assert runtime.calls == [] and fake.states() == {p: RUNNING for p in pids}
     assert all(fake.calls(p)[-1] == "unlock" for p in pids if fake.calls(p))
-    assert not (tmp_path / "image" / gpu.RECORD_NAME).exists()
+    assert not (tmp_path / "image" / gpu_records.RECORD_NAME).exists()
 
 
 def checkpoint_with_exit(fake, procs, nodes, node, tmp_path) -> tuple[list[int], Path]:
@@ -419,8 +419,9 @@ def test_two_gpus_identity_restore_resumes_all_without_a_map(fake, procs, nodes,
     async def go():
         c = gpu_container(tmp_path, runtime, pids, fake, env_spec("0,1"), node, state=State.CREATED_CHECKPOINT,
                           image=str(image))
-        placement = await gpu.before_restore(c)
-        await gpu.after_restore(c)
+        await c.layer.before_restore(c.handle, c.restore_from)
+        placement = c.layer.gpu.placement
+        await c.layer.after_restore(c.handle, c.restore_from)
         return placement
 
     placement = run(go)
@@ -439,8 +440,9 @@ def test_two_gpus_remap_restore_passes_the_map_to_every_process(fake, procs, nod
         c = gpu_container(tmp_path, runtime, pids, fake, {"annotations": {
             "cdi.k8s.io/gpus": f"nvidia.com/gpu=3,nvidia.com/gpu={fake_uuid(2)}"}}, node,
             state=State.CREATED_CHECKPOINT, image=str(image))
-        placement = await gpu.before_restore(c)
-        await gpu.after_restore(c)
+        await c.layer.before_restore(c.handle, c.restore_from)
+        placement = c.layer.gpu.placement
+        await c.layer.after_restore(c.handle, c.restore_from)
         return placement
 
     placement = run(go)
@@ -470,7 +472,7 @@ def test_stand_in_refuses_pairs_that_miss_a_checkpointed_gpu(fake, procs, monkey
 
 # ---- refused before runc restore, through lifecycle.restore -------------------------------------------------------
 def doctored(image: Path, change) -> Path:
-    path = image / gpu.RECORD_NAME
+    path = image / gpu_records.RECORD_NAME
     rec = json.loads(path.read_text())
     change(rec)
     path.write_text(json.dumps(rec))
@@ -494,7 +496,7 @@ def test_lifecycle_restore_refuses_before_runc_restore(fake, procs, nodes, node,
         c = gpu_container(tmp_path, runtime, pids, fake, spec, node, cid="new", state=State.CREATED_CHECKPOINT,
                           image=str(image))
         try:
-            await lifecycle.restore(c)
+            await c.start("")
         finally:
             state = c.init.state
         return state
@@ -516,7 +518,7 @@ def test_remap_on_a_driver_without_gpu_pairs_is_refused_before_runc(fake, procs,
     async def go():
         c = gpu_container(tmp_path, runtime, pids, fake, env_spec("2,3"), node, cid="new",
                           state=State.CREATED_CHECKPOINT, image=str(image))
-        await lifecycle.restore(c)
+        await c.start("")
 
     with pytest.raises(TTRPCError) as info:
         run(go)
@@ -535,8 +537,8 @@ def test_no_driver_here_refuses_a_gpu_restore(fake, procs, nodes, node, tmp_path
     async def go():
         c = gpu_container(tmp_path, Runtime(Clock()), pids, fake, env_spec("0,1"), node, cid="new",
                           state=State.CREATED_CHECKPOINT, image=str(image))
-        c._kybernate_gpu._load = no_driver
-        await gpu.before_restore(c)
+        c.layer.gpu._load = no_driver
+        await c.layer.before_restore(c.handle, c.restore_from)
 
     with pytest.raises(TTRPCError) as info:
         run(go)
@@ -555,15 +557,42 @@ def test_a_cpu_image_loads_no_driver_before_restore(tmp_path, node):
     assert run(go) == (None, None)
 
 
-def test_the_driver_is_found_through_the_path_the_record_names(fake, monkeypatch, tmp_path):
-    monkeypatch.setattr(gpu, "_driver", None)
-    monkeypatch.setenv("KYBERNATE_LIBCUDA", "/nonexistent/libcuda.so.1")
-    copy = tmp_path / "driver" / "libcuda.so.1"
-    copy.parent.mkdir()
-    shutil.copy(fake.path, copy)
-    drv = gpu.load_driver([], paths=[str(copy)])
-    assert drv.path == str(copy)
-    monkeypatch.setattr(gpu, "_driver", None)
+def test_a_libcuda_named_by_the_record_is_never_loaded(fake, procs, nodes, node, tmp_path, monkeypatch):
+    """kybernate-gpu.json comes from a checkpoint image (untrusted): the libcuda path it records is
+    information, never a library the shim loads."""
+    from shim.gpu import driver as gpu_driver
+
+    pids, image = checkpoint_with_exit(fake, procs, nodes, node, tmp_path)
+    record = json.loads((image / gpu_records.RECORD_NAME).read_text())
+    record["libcuda"] = fake.path
+    (image / gpu_records.RECORD_NAME).write_text(json.dumps(record))
+    monkeypatch.setattr(gpu_driver, "WELL_KNOWN_DIRS", (str(tmp_path / "none"),))
+    monkeypatch.delenv("KYBERNATE_LIBCUDA", raising=False)
+    loader = gpu_driver.DriverLoader()
+
+    async def go():
+        g = gpu.ContainerGpu("new", env_spec("0,1"), lambda: [], driver_loader=loader, gpus_dir=node[0])
+        await g.plan_restore(str(image))
+
+    with pytest.raises(TTRPCError) as info:
+        run(go)
+    assert info.value.code is Code.FAILED_PRECONDITION and "cannot use the CUDA driver" in info.value.message
+    assert not loader.loaded
+
+
+def test_a_gpu_record_that_is_a_link_is_refused(tmp_path, node):
+    image = tmp_path / "image"
+    image.mkdir()
+    (tmp_path / "elsewhere.json").write_text('{"processes": [{"pid": 1}]}')
+    (image / gpu_records.RECORD_NAME).symlink_to(tmp_path / "elsewhere.json")
+
+    async def go():
+        g = gpu.ContainerGpu("new", {}, lambda: [], driver_loader=lc.refusing_loader, gpus_dir=node[0])
+        await g.plan_restore(str(image))
+
+    with pytest.raises(TTRPCError) as info:
+        run(go)
+    assert info.value.code is Code.FAILED_PRECONDITION and "regular file" in info.value.message
 
 
 def test_processes_without_device_files_are_recorded_on_the_containers_gpus(fake, procs, node, tmp_path):
@@ -578,7 +607,7 @@ def test_processes_without_device_files_are_recorded_on_the_containers_gpus(fake
         await c.checkpoint(checkpoint_request(image))
 
     run(go)
-    rec = json.loads((image / gpu.RECORD_NAME).read_text())
+    rec = json.loads((image / gpu_records.RECORD_NAME).read_text())
     assert rec["container_gpus"] == [fake_uuid(3), fake_uuid(1)]
     assert rec["visible_gpus"] == [fake_uuid(i) for i in range(4)]
     assert [(p["gpus"], p["gpus_source"]) for p in rec["processes"]] == [([fake_uuid(3), fake_uuid(1)], "container-spec")] * 2

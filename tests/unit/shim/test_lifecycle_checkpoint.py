@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from criu.images import IMG_COMMON_MAGIC, INVENTORY_MAGIC, PSTREE_MAGIC, is_complete, mark_complete
+from shim.checkpoint.layer import PlainLayer
 from shim.gpu import lifecycle as gpu
-from shim.checkpoint import seam as lifecycle
 from shim.checkpoint.settings import NOTE_NAME, CheckpointSettings
 from shim.task.container import Container
 from shim.task.io import StdioPaths
@@ -84,7 +84,7 @@ def make(tmp_path: Path, runtime: FakeRuntime, annotations=None, state=State.RUN
     init.state = state
     init.pid = os.getpid()
     c.init = init
-    c._kybernate_gpu = gpu.ContainerGpu("c1", spec, lambda: [], driver_loader=lambda hint_pids=(): None)
+    c.layer = gpu.GpuLayer(PlainLayer(), c.id, c.spec, gpu=gpu.ContainerGpu("c1", spec, lambda: [], driver_loader=lambda hint_pids=(): None))
     return c
 
 
@@ -195,7 +195,7 @@ def test_restore_uses_the_recorded_options_and_the_annotations(tmp_path):
     async def go():
         c = make(tmp_path, rt, {"kybernate.io/checkpoint-file-locks": "true"}, state=State.CREATED_CHECKPOINT)
         c.restore_from = str(image)
-        await lifecycle.restore(c)
+        await c.start("")
         return c
 
     c = run(go())
@@ -213,14 +213,14 @@ def test_failed_restore_leaves_a_stopped_task_and_no_runc_state(tmp_path):
         c = make(tmp_path, rt, state=State.CREATED_CHECKPOINT)
         c.restore_from = str(image)
         try:
-            await lifecycle.restore(c)
+            await c.start("")
         finally:
             return c
 
     async def fails():
         c = make(tmp_path, rt, state=State.CREATED_CHECKPOINT)
         c.restore_from = str(image)
-        await lifecycle.restore(c)
+        await c.start("")
 
     with pytest.raises(TTRPCError) as e:
         run(fails())
