@@ -127,7 +127,7 @@ def decode_request(body: bytes) -> tuple[list[str], str, dict[str, str]]:
 
 def _loaded_sources() -> dict[str, float]:
     """mtimes of every loaded module from this project, to notice an upgrade under our feet."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: shim/binary/warm.py
     out = {}
     for mod in list(sys.modules.values()):
         f = getattr(mod, "__file__", None)

@@ -99,3 +99,12 @@ class PlainLayer:
 
     async def after_resume(self, task: TaskHandle) -> None:
         return None
+
+
+def describe_layers(layer: LifecycleLayer) -> str:
+    """'gpu on criu': the stack from the top, for the log."""
+    names = []
+    while layer is not None:
+        names.append(layer.name)
+        layer = getattr(layer, "inner", None)
+    return " on ".join(names)

@@ -21,7 +21,7 @@ from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
 from shim.checkpoint import seam
-from shim.checkpoint.layer import LifecycleLayer, PlainLayer, TaskHandle
+from shim.checkpoint.layer import LifecycleLayer, PlainLayer, TaskHandle, describe_layers
 from shim.checkpoint.settings import CheckpointSettings
 from shim.gpu import lifecycle as gpu_lifecycle
 from shim.policy.node import NodeConfig, NodeConfigError
@@ -150,6 +150,7 @@ class Container:
         # the layer stack, once: a malformed GPU annotation refuses the Create here
         layer = gpu_lifecycle.stack(PlainLayer(), cid, spec, has_gpus=choice.gpu, restore_image=restore_image,
                                     libcuda=node.libcuda)
+        log.info("container %s: lifecycle layers: %s", cid, describe_layers(layer))
 
         rootfs = ""
         mounted = False

@@ -666,7 +666,7 @@ def test_warm_template_forks_daemons_and_steps_aside_when_stale(tmp_path):
         with BlockingClient(addr, timeout=10) as c:
             assert c.call(V2, "Connect", api.ConnectRequest(id="x"), api.ConnectResponse, timeout=10).shim_pid == pid
         # code changed under the template: it must not fork old code
-        service_py = Path(__file__).resolve().parents[2] / "shim" / "service.py"
+        service_py = Path(__file__).resolve().parents[2] / "shim" / "task" / "service.py"
         st = service_py.stat()
         os.utime(service_py, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
         try:

@@ -78,7 +78,8 @@ def test_cpu_container_never_loads_the_driver(containerd, container_id):
         assert maps, f"shim {pid} unreadable"
         assert "_cffi_backend" not in maps and "libcuda" not in maps, f"shim {pid} loaded the CUDA binding"
     log = cd.log_text()
-    assert f"container {container_id}: no process maps libcuda: no CUDA step for checkpoint" in log
+    # a CPU node, a CPU container: the plain CRIU layer alone, chosen at Create
+    assert f"container {container_id}: lifecycle layers: criu" in log
     if checkpoint:
         cd.ctr("images", "rm", checkpoint, check=False)
 
@@ -139,6 +140,7 @@ def test_stand_in_cuda_process_around_pause_resume_and_checkpoint(fake_cd):
     assert fake.states() == {pid: 0}
     assert fake.calls(pid) == ["lock", "checkpoint", "restore", "unlock"]
     log = cd.log_text()
+    assert f"container {cid}: lifecycle layers: gpu on criu" in log
     assert f"container {cid}: pause: suspended 1 CUDA process(es) [{pid}]" in log
     cd.ctr("images", "rm", image, check=False)
 
