@@ -80,6 +80,7 @@ def _lib():
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
         _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _libc.unshare.argtypes = [ctypes.c_int]
     return _libc
 
 
@@ -147,6 +148,36 @@ def _compact_lowerdir(data: str) -> tuple[str, str | None]:
     return ",".join(out), common
 
 
+CLONE_FS = 0x00000200
+
+
+def _mount_from(directory: str, source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2) with `directory` as the working directory (overlay resolves relative lowerdirs from
+    it), without touching the shim's own cwd: a short-lived thread unshares its fs struct
+    (CLONE_FS) and changes only its own cwd, so the event loop and the driver-loading threads never
+    see another directory. The target is made absolute first."""
+    import threading
+
+    target = os.path.abspath(target)
+    outcome: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            if _lib().unshare(CLONE_FS) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_FS) for an overlay mount: {os.strerror(err)}")
+            os.chdir(directory)
+            _sys_mount(source, target, fstype, flags, data)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome.append(exc)
+
+    worker = threading.Thread(target=work, name="overlay-mount", daemon=True)
+    worker.start()
+    worker.join()
+    if outcome:
+        raise outcome[0]
+
+
 def mount_one(m: Mount, rootfs: str) -> str:
     target = os.path.join(rootfs, m.target.lstrip("/")) if m.target else rootfs
     flags, propagation, data = parse_options(m.options)
@@ -154,13 +185,7 @@ def mount_one(m: Mount, rootfs: str) -> str:
     if m.type == "overlay" and len(data) > os.sysconf("SC_PAGESIZE") - 512:
         data, chdir_to = _compact_lowerdir(data)
     if chdir_to:
-        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.chdir(chdir_to)
-            _sys_mount(m.source, target, m.type, flags, data)
-        finally:
-            os.fchdir(cwd)
-            os.close(cwd)
+        _mount_from(chdir_to, m.source, target, m.type, flags, data)
     else:
         _sys_mount(m.source, target, m.type, flags, data)
     if flags & MS_BIND and flags & MS_RDONLY:

@@ -177,3 +177,44 @@ def test_long_overlay_lowerdir_is_compacted():
 def test_mountinfo_unescape():
     assert mount._unescape(r"/run/a\040b") == "/run/a b"
     assert mount._unescape("/plain") == "/plain"
+
+
+def test_long_overlay_is_mounted_without_changing_the_shims_cwd(tmp_path):
+    """A compacted overlay resolves its relative lowerdirs from a thread of its own (CLONE_FS): the
+    process's cwd, which the event loop and driver-loading threads share, never moves."""
+    import threading
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting an overlay needs root")
+    base = tmp_path / ("d" * 100)
+    lowers = []
+    for i in range(40):
+        d = base / f"layer-{i:03d}-{'x' * 60}" / "fs"
+        d.mkdir(parents=True)
+        (d / f"f{i}").write_text(str(i))
+        lowers.append(str(d))
+    upper, work, target = tmp_path / "u", tmp_path / "w", tmp_path / "t"
+    for d in (upper, work, target):
+        d.mkdir()
+    options = [f"lowerdir={':'.join(reversed(lowers))}", f"upperdir={upper}", f"workdir={work}"]
+    assert len(",".join(options)) > os.sysconf("SC_PAGESIZE")
+    before = os.getcwd()
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.add(os.getcwd())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        mount.mount_one(mount.Mount(type="overlay", source="overlay", target="", options=options), str(target))
+    finally:
+        stop.set()
+        watcher.join()
+    try:
+        assert (target / "f0").read_text() == "0" and (target / "f39").read_text() == "39"
+        assert os.getcwd() == before and seen == {before}
+    finally:
+        mount.unmount_recursive(str(target))
