@@ -80,7 +80,8 @@ def _read_u32s(path: Path, n: int) -> list[int]:
 def validate_image_dir(directory: str | os.PathLike) -> ImageStats:
     """Raise CriuImageError (with .reason) unless ``directory`` looks like a whole CRIU dump.
 
-    Checks only what is cheap and certain: existence, non-empty, inventory magic, pstree magic.
+    Checks only what is cheap and certain: existence, non-empty, inventory magic, pstree magic, and
+    every page image's size against its pagemaps (`check_page_images`).
     Returns the stats so callers can log the size they are about to restore.
     """
     d = Path(directory)
@@ -106,7 +107,97 @@ def validate_image_dir(directory: str | os.PathLike) -> ImageStats:
     if head != [IMG_COMMON_MAGIC, PSTREE_MAGIC]:
         raise CriuImageError("corrupt", str(d), f"{pstree} is corrupt: bad magic "
                              + " ".join(f"0x{x:08x}" for x in head))
+    check_page_images(d)
     return image_stats(d)
+
+
+PAGE_SIZE = 4096
+PE_PARENT = 1 << 0   # pagemap flags (CRIU images/pagemap.proto): the page is in the parent image
+PE_LAZY = 1 << 1
+PE_PRESENT = 1 << 2
+MAX_PAGEMAP_BYTES = 64 << 20
+
+
+def _entries(path: Path) -> list[bytes]:
+    """The protobuf entries of a CRIU image file: two magics, then (u32 length, message) pairs."""
+    size = path.stat().st_size
+    if size > MAX_PAGEMAP_BYTES:
+        raise CriuImageError("corrupt", str(path.parent), f"{path} is {size} bytes: too big for a pagemap")
+    data = path.read_bytes()
+    if len(data) < 8 or struct.unpack_from("<I", data, 0)[0] != IMG_COMMON_MAGIC:
+        raise CriuImageError("corrupt", str(path.parent), f"{path} is corrupt: bad magic")
+    out, pos = [], 8
+    while pos < len(data):
+        if len(data) - pos < 4:
+            raise CriuImageError("corrupt", str(path.parent), f"{path} is truncated at byte {pos}")
+        (length,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if length > len(data) - pos:
+            raise CriuImageError("corrupt", str(path.parent), f"{path} is truncated: an entry of {length} bytes "
+                                                             f"at byte {pos} runs past its end")
+        out.append(data[pos:pos + length])
+        pos += length
+    return out
+
+
+def expected_page_bytes(directory: str | os.PathLike) -> dict[str, int]:
+    """pages-N.img name -> the bytes its pagemaps say it holds: for every pagemap*.img, the head's
+    pages_id and the sum of nr_pages over the entries whose pages are in this image (present, not in
+    the parent). A page image shorter than this makes CRIU 4.1.1's restorer spin on a read that
+    returns 0 (a hang, not an error): the shim checks before CRIU starts."""
+    from ttrpc.errors import ProtocolError
+    from ttrpc.wire import iter_fields
+
+    d = Path(directory)
+    expected: dict[str, int] = {}
+    for pm in sorted(d.glob("pagemap*.img")):
+        entries = _entries(pm)
+        if not entries:
+            raise CriuImageError("corrupt", str(d), f"{pm} has no pagemap head")
+        try:
+            head = {n: v for n, _, v in iter_fields(entries[0])}
+            if not isinstance(head.get(1), int):
+                raise CriuImageError("corrupt", str(d), f"{pm}: the pagemap head names no pages image")
+            pages = 0
+            for raw in entries[1:]:
+                entry = {n: v for n, _, v in iter_fields(raw)}
+                nr, flags = entry.get(2, 0), entry.get(4)
+                in_parent = bool(entry.get(3, 0))
+                if not isinstance(nr, int) or not isinstance(flags, (int, type(None))):
+                    raise CriuImageError("corrupt", str(d), f"{pm}: a malformed pagemap entry")
+                if flags is None:  # images before the flags field: present unless in the parent
+                    flags = 0 if in_parent else PE_PRESENT
+                if in_parent or flags & PE_PARENT or not flags & PE_PRESENT:
+                    continue
+                pages += nr
+        except ProtocolError as exc:
+            raise CriuImageError("corrupt", str(d), f"{pm} is corrupt: {exc}") from exc
+        name = f"pages-{head[1]}.img"
+        expected[name] = expected.get(name, 0) + pages * PAGE_SIZE
+    return expected
+
+
+def check_page_images(directory: str | os.PathLike) -> None:
+    """Raise CriuImageError('truncated') unless every page image has the size its pagemaps (and, where
+    the checkpoint was ours, the completion marker) recorded. Cheap: pagemaps are small, page images
+    are only stat'ed."""
+    d = Path(directory)
+    for name, want in expected_page_bytes(d).items():
+        try:
+            have = os.lstat(d / name).st_size
+        except FileNotFoundError:
+            have = -1
+        if have != want and not (have == -1 and want == 0):
+            what = "is missing" if have < 0 else f"holds {have} bytes"
+            raise CriuImageError("truncated", str(d), f"{d / name} {what} but the image's pagemaps record "
+                                                      f"{want} bytes of pages: refusing to restore a truncated "
+                                                      f"or padded image")
+    recorded = ((read_completion(d) or {}).get("stats") or {}).get("page_bytes")
+    if isinstance(recorded, int):
+        have = image_stats(d).page_bytes
+        if have != recorded:
+            raise CriuImageError("truncated", str(d), f"{d} holds {have} bytes of page images but its checkpoint "
+                                                      f"recorded {recorded} ({COMPLETE_MARKER})")
 
 
 def mark_complete(directory: str | os.PathLike, meta: Optional[Mapping[str, Any]] = None) -> Path:

@@ -151,3 +151,60 @@ def test_real_criu_rejects_spaces_in_values(criu_bin, tmp_path):
     r = subprocess.run([str(criu_bin), "check", "--config", str(conf)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode != 0 and "Unsupported configuration file format" in r.stdout + r.stderr
+
+
+def test_a_truncated_or_padded_page_image_is_refused_before_criu_runs(criu_bin, tmp_path):
+    """CRIU 4.1.1's restorer spins for ever on a page image cut short (issue #14): the sizes the
+    pagemaps record are checked first. A real dump of a process with 12 MiB of private memory."""
+    import shutil
+
+    from criu import CriuImageError
+    from criu.images import expected_page_bytes
+
+    img = tmp_path / "img"
+    img.mkdir()
+    code = "import time; b = bytearray(12 << 20); b[::4096] = b'x' * (3 << 10); time.sleep(1000)"
+    proc = subprocess.Popen(["python3", "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(0.5)
+        r = subprocess.run([str(criu_bin), "dump", "-t", str(proc.pid), "-D", str(img), "--shell-job"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    expected = expected_page_bytes(img)
+    assert expected and sum(expected.values()) >= 12 << 20
+    for name, size in expected.items():
+        assert (img / name).stat().st_size == size
+    validate_image_dir(img)  # whole: accepted
+    biggest = max(expected, key=expected.get)
+    for cut in (36864, 0, expected[biggest] + 4096):
+        bad = tmp_path / f"bad-{cut}"
+        shutil.copytree(img, bad)
+        os.truncate(bad / biggest, cut)
+        with pytest.raises(CriuImageError) as info:
+            validate_image_dir(bad)
+        assert info.value.reason == "truncated" and biggest in str(info.value)
+    bad = tmp_path / "missing"
+    shutil.copytree(img, bad)
+    (bad / biggest).unlink()
+    with pytest.raises(CriuImageError) as info:
+        validate_image_dir(bad)
+    assert "is missing" in str(info.value)
+
+
+def test_the_completion_marker_catches_a_page_image_changed_after_the_checkpoint(tmp_path):
+    from criu import CriuImageError
+    from criu.images import check_page_images
+
+    img = tmp_path / "img"
+    img.mkdir()
+    (img / "pages-1.img").write_bytes(b"\0" * 8192)
+    mark_complete(img)
+    check_page_images(img)
+    os.truncate(img / "pages-1.img", 4096)
+    with pytest.raises(CriuImageError) as info:
+        check_page_images(img)
+    assert "recorded 8192" in str(info.value)
