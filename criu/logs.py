@@ -59,14 +59,27 @@ def first_error(log_path: str | os.PathLike, context: int = 2,
                 ignore: Iterable[str] = BENIGN_ERRORS) -> Optional[str]:
     """First error of a CRIU log file; None when the file has none or does not exist.
 
-    Streams the file (restore logs of large containers reach hundreds of MiB) and tolerates bytes
-    that are not UTF-8 (paths and comm names are written raw).
+    Streams the file (restore logs of large containers reach hundreds of MiB; a spinning restorer
+    writes gigabytes) up to its first MAX_SCAN_BYTES, and tolerates bytes that are not UTF-8 (paths
+    and comm names are written raw).
     """
     try:
         with open(log_path, "r", encoding="utf-8", errors="replace") as f:
-            return first_error_in_lines(f, context, ignore)
+            budget = [MAX_SCAN_BYTES]
+
+            def lines():
+                for line in f:
+                    budget[0] -= len(line)
+                    if budget[0] < 0:
+                        return
+                    yield line
+
+            return first_error_in_lines(lines(), context, ignore)
     except FileNotFoundError:
         return None
+
+
+MAX_SCAN_BYTES = 64 << 20
 
 
 def log_candidates(action: str, work_path: Optional[str | os.PathLike] = None,

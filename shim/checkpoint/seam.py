@@ -16,6 +16,7 @@ with a checkpoint (or a restore source in the spec: `shim.checkpoint.settings`).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -62,12 +63,54 @@ def _checkpoint_options(request, container_id: str):
                          f"checkpoint container {container_id}: undecodable CheckpointOptions: {exc}") from exc
 
 
+KEEP_LOG_HEAD = 1 << 20  # of CRIU's log, kept in the bundle: its start (the first error is there)...
+KEEP_LOG_TAIL = 3 << 20  # ... and its end (what it did last); a spinning restorer writes gigabytes
+
+
 def _keep_log(work_dir: str, name: str, keep: str) -> None:
-    """CRIU's log outlives a scratch work dir: a copy in the bundle, for `kybernate`/operators."""
+    """CRIU's log outlives a scratch work dir: a copy in the bundle, for `kybernate`/operators, capped
+    to its first and last megabytes. Blocking: call in a thread."""
     try:
-        shutil.copyfile(os.path.join(work_dir, name), keep)
+        with open(os.path.join(work_dir, name), "rb") as src, open(keep, "wb") as dst:
+            size = os.fstat(src.fileno()).st_size
+            if size <= KEEP_LOG_HEAD + KEEP_LOG_TAIL:
+                shutil.copyfileobj(src, dst)
+                return
+            dst.write(src.read(KEEP_LOG_HEAD))
+            dst.write(f"\n[kybernate: {size - KEEP_LOG_HEAD - KEEP_LOG_TAIL} bytes of this log left out]\n".encode())
+            src.seek(size - KEEP_LOG_TAIL)
+            shutil.copyfileobj(src, dst)
     except OSError:
         pass
+
+
+def _failure_detail(action: str, work_path: str, image: str, bundle: str) -> str:
+    """CRIU's first error and where its log is kept (blocking: call in a thread)."""
+    from criu.logs import describe_failure
+
+    keep = os.path.join(bundle, f"criu-{action}.log")
+    _keep_log(work_path, f"{action}.log", keep)
+    return describe_failure(action, work_path, image) + f" (CRIU's log: {keep})"
+
+
+def _runtime_failure(what: str, exc: RuntimeCommandError, detail: str) -> TTRPCError:
+    """DeadlineExceeded when runc and CRIU had to be killed, else Unknown with runc's own words."""
+    code = Code.DEADLINE_EXCEEDED if exc.timed_out else Code.UNKNOWN
+    return TTRPCError(code, f"{what}: {exc.message or exc}; {detail}")
+
+
+async def _remove_scratch(path: str, container_id: str) -> None:
+    """CRIU's scratch work dir, unmounted first and never walked into a mount (off the event loop)."""
+    from shim.runtime.mount import remove_tree
+
+    try:
+        left = await asyncio.to_thread(remove_tree, path)
+    except OSError as exc:
+        log.warning("container %s: cannot remove CRIU's work dir %s: %s", container_id, path, exc)
+        return
+    if left:
+        log.warning("container %s: CRIU left mounts under %s that could not be unmounted; left in place, "
+                    "not walked into: %s", container_id, path, ", ".join(left))
 
 
 async def _leave_running(task: TaskHandle, was_paused: bool) -> None:
@@ -95,7 +138,6 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     the image dir. On failure the task is left running and thawed (as it was: a task containerd
     paused stays paused), the error quotes CRIU's first error, and no image is claimed as good."""
     from criu.images import clear_complete, mark_complete, remove_incomplete
-    from criu.logs import describe_failure
     from criu.plans import CheckpointPlan
 
     cid = task.id
@@ -136,17 +178,16 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     except BaseException as exc:
         detail = ""
         if isinstance(exc, RuntimeCommandError):
-            detail = describe_failure("dump", plan.work_path, plan.image_path)
-            _keep_log(plan.work_path, "dump.log", os.path.join(task.bundle, "criu-dump.log"))
+            detail = await asyncio.to_thread(_failure_detail, "dump", plan.work_path, plan.image_path, task.bundle)
         await _leave_running(task, was_paused)
         if created_image:
-            remove_incomplete(plan.image_path)
+            await asyncio.to_thread(remove_incomplete, plan.image_path)
         if isinstance(exc, RuntimeCommandError):
-            raise TTRPCError(Code.UNKNOWN, f"checkpoint container {cid}: {exc.message or exc}; {detail}") from exc
+            raise _runtime_failure(f"checkpoint container {cid}", exc, detail) from exc
         raise
     finally:
         if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+            await _remove_scratch(scratch, cid)
     elapsed = time.monotonic() - started
     record = {"container_id": cid, "namespace": task.namespace, "image_path": plan.image_path,
               "checkpointed_at": time.time(), "seconds": round(elapsed, 3), "exit": plan.exit,
@@ -154,7 +195,7 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
               "options": {f: getattr(plan, f) for f in ("open_tcp", "external_unix_sockets", "terminal",
                                                          "file_locks", "cgroups_mode")}}
     record["options"]["empty_namespaces"] = list(plan.empty_namespaces)
-    mark_complete(plan.image_path, record)
+    await asyncio.to_thread(mark_complete, plan.image_path, record)  # an fsync walk: off the event loop
     if request.path:
         # containerd stores request.path as a blob (1.6/1.7 refuse the same blob twice); our note makes
         # each one distinct and tells a restore from containerd's copy where the image is
@@ -173,7 +214,6 @@ async def restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings:
     decided before anything is created), then ``runc restore --detach`` with the new task's IO (its
     pipes become the restored process's stdio; a terminal task gets the console socket). Returns the
     restored init's pid. The caller undoes everything on failure."""
-    from criu.logs import describe_failure
     from criu.plans import RestorePlan
 
     cid = task.id
@@ -201,10 +241,9 @@ async def restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings:
         try:
             await task.runtime.run_args("restore", plan.args(), stdio=stdio, capture=False)
         except RuntimeCommandError as exc:
-            detail = describe_failure("restore", plan.work_path, image)
-            _keep_log(plan.work_path, "restore.log", os.path.join(task.bundle, "criu-restore.log"))
-            raise TTRPCError(Code.UNKNOWN, f"restore container {cid}: {exc.message or exc}; {detail}") from exc
+            detail = await asyncio.to_thread(_failure_detail, "restore", plan.work_path, image, task.bundle)
+            raise _runtime_failure(f"restore container {cid}", exc, detail) from exc
         return read_pid_file(pid_file)
     finally:
         if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+            await _remove_scratch(scratch, cid)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -271,3 +272,51 @@ def unmount_recursive(target: str) -> None:
 
 def is_mounted(target: str) -> bool:
     return os.path.normpath(target) in mount_points_under(target)
+
+
+def remove_tree(path: str) -> list[str]:
+    """Remove a directory tree the shim made (CRIU's work dir) without ever walking into a mount.
+
+    CRIU killed mid-restore leaves its cgroup yard mounted under its work dir: the host's whole cgroup
+    hierarchies. A plain recursive delete walks into them and removes the host's empty cgroups. So:
+    everything mounted at or below `path` is unmounted first (deepest first; detached if busy), then
+    the tree is removed without descending into any directory on another device. Blocking (unmount
+    retries sleep): call it in a thread. Returns what was left (still mounted), [] when all is gone."""
+    try:
+        unmount_recursive(path)
+    except OSError:
+        pass
+    try:
+        root = os.lstat(path)
+    except FileNotFoundError:
+        return []
+    left: list[str] = []
+    still_mounted = set(mount_points_under(path))  # what would not go: never walked into
+    if path in still_mounted or os.path.normpath(path) in still_mounted:
+        return [path]
+    if not stat.S_ISDIR(root.st_mode):
+        os.unlink(path)
+        return left
+
+    def remove(directory: str) -> bool:
+        clean = True
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if st.st_dev != root.st_dev or os.path.normpath(entry.path) in still_mounted:
+                        left.append(entry.path)
+                        clean = False
+                    elif not remove(entry.path):
+                        clean = False
+                else:
+                    try:
+                        os.unlink(entry.path)
+                    except FileNotFoundError:
+                        pass
+        if clean:
+            os.rmdir(directory)
+        return clean
+
+    remove(path)
+    return left

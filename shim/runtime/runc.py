@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -19,6 +20,7 @@ from shim.runtime.reaper import Reaper
 DEFAULT_BINARY = "runc"
 NVIDIA_RUNTIME = "nvidia-container-runtime"
 RUNC_ROOT = "/run/containerd/runc"
+DEFAULT_DEADLINE_S = 120.0  # any runc command but checkpoint/restore (those: node config, criu.*_timeout_s)
 
 
 class RuntimeSelectionError(Exception):
@@ -99,10 +101,11 @@ def _resolve(binary: str, which, name: str, source: str) -> str:
 class RuntimeCommandError(Exception):
     """A runtime command failed; `message` is the runtime's own error sentence when it gave one."""
 
-    def __init__(self, command: str, status: int, message: str):
+    def __init__(self, command: str, status: int, message: str, timed_out: bool = False):
         self.command = command
         self.status = status
         self.message = message
+        self.timed_out = timed_out
         super().__init__(f"{command}: {message or f'exit status {status}'}")
 
     @property
@@ -161,10 +164,24 @@ class CommandResult:
     stderr: bytes
 
 
+class CommandDeadlineExceeded(Exception):
+    """The command outlived its deadline: its whole process group was killed (SIGKILL)."""
+
+    def __init__(self, argv: Sequence[str], pid: int, timeout: float, status: int):
+        self.argv, self.pid, self.timeout, self.status = list(argv), pid, timeout, status
+        super().__init__(f"{os.path.basename(argv[0])} {argv[-1] if argv else ''}: no exit within {timeout:g} s; "
+                         f"process group {pid} killed")
+
+
 async def run_command(reaper: Reaper, argv: Sequence[str], stdio: Stdio | None = None,
                       input: bytes | None = None, capture: bool = True,
-                      env: Mapping[str, str] | None = None) -> CommandResult:
-    """Spawn argv, await its exit through the reaper. stdout/stderr captured unless stdio names fds."""
+                      env: Mapping[str, str] | None = None, timeout: float | None = None,
+                      on_spawn=None) -> CommandResult:
+    """Spawn argv, await its exit through the reaper. stdout/stderr captured unless stdio names fds.
+
+    With a timeout the command runs in a process group of its own (runc and the CRIU it runs), which
+    is SIGKILLed as a whole when the deadline passes: CommandDeadlineExceeded. on_spawn(pid) is told
+    the pid (the group), so that a caller can kill a command in flight (a stuck restore)."""
     stdio = stdio or Stdio()
     actions: list[tuple] = []
     close_after: list[int] = []
@@ -195,7 +212,8 @@ async def run_command(reaper: Reaper, argv: Sequence[str], stdio: Stdio | None =
             else:
                 actions.append((os.POSIX_SPAWN_OPEN, target, os.devnull, os.O_WRONLY, 0))
         environ = dict(os.environ if env is None else env)
-        pid = os.posix_spawnp(argv[0], list(argv), environ, file_actions=actions)
+        pid = os.posix_spawnp(argv[0], list(argv), environ, file_actions=actions,
+                              setpgroup=0 if timeout is not None else None)
         waiter = reaper.watch(pid)
     except BaseException:
         for fd in close_after + [x for x in (out_r, err_r) if x is not None]:
@@ -210,7 +228,22 @@ async def run_command(reaper: Reaper, argv: Sequence[str], stdio: Stdio | None =
         readers.append(asyncio.ensure_future(_read_fd(out_r)))
     if err_r is not None:
         readers.append(asyncio.ensure_future(_read_fd(err_r)))
-    ex = await waiter
+    if on_spawn is not None:
+        on_spawn(pid)
+    if timeout is None:
+        ex = await waiter
+    else:
+        try:
+            ex = await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except asyncio.TimeoutError:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            ex = await waiter
+            for r in readers:  # a grandchild may still hold a pipe: do not wait for it
+                r.cancel()
+            raise CommandDeadlineExceeded(argv, pid, timeout, ex.status) from None
     outputs = [await r for r in readers]
     stdout = outputs[0] if out_r is not None else b""
     stderr = outputs[-1] if err_r is not None else b""
@@ -246,6 +279,22 @@ class Runc:
     systemd_cgroup: bool = False
     criu_path: str = ""
     extra_env: dict = field(default_factory=dict)
+    #: seconds each command may run before its process group is killed: op -> deadline, else default
+    deadlines: dict = field(default_factory=dict)
+    default_deadline: float = DEFAULT_DEADLINE_S
+    #: pids (= process groups) of commands in flight, by op: a stuck restore can be killed
+    inflight: dict = field(default_factory=dict)
+
+    def kill_inflight(self, op: str) -> bool:
+        """SIGKILL the process group of a command in flight (e.g. a restore stuck in CRIU)."""
+        pid = self.inflight.get(op)
+        if not pid:
+            return False
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
 
     def _args(self, *args: str) -> list[str]:
         argv = [self.binary, "--root", self.root]
@@ -268,11 +317,19 @@ class Runc:
                    capture: bool = True) -> CommandResult:
         offset = self._log_offset()
         argv = self._args(*args)
+        timeout = self.deadlines.get(op, self.default_deadline)
         try:
             res = await run_command(self.reaper, argv, stdio=stdio, input=input, capture=capture,
-                                    env={**os.environ, **self.extra_env} if self.extra_env else None)
+                                    env={**os.environ, **self.extra_env} if self.extra_env else None,
+                                    timeout=timeout, on_spawn=lambda pid: self.inflight.__setitem__(op, pid))
         except OSError as exc:
             raise RuntimeCommandError(f"{os.path.basename(self.binary)} {op}", -1, f"cannot run {self.binary}: {exc}") from exc
+        except CommandDeadlineExceeded as exc:
+            raise RuntimeCommandError(f"{os.path.basename(self.binary)} {op}", exc.status,
+                                      f"no answer within its deadline of {timeout:g} s: runc and CRIU (process "
+                                      f"group {exc.pid}) were killed", timed_out=True) from exc
+        finally:
+            self.inflight.pop(op, None)
         if res.status != 0:
             msg = ""
             if self.log_path:

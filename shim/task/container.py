@@ -141,7 +141,8 @@ class Container:
         log.info("container %s: OCI runtime %s (%s)", cid, choice.binary, choice.reason)
         root = os.path.join(options.root or RUNC_ROOT, namespace)
         runtime = Runc(reaper, binary=choice.binary, root=root, log_path=os.path.join(bundle, "log.json"),
-                       systemd_cgroup=options.systemd_cgroup, criu_path=options.criu_path)
+                       systemd_cgroup=options.systemd_cgroup, criu_path=options.criu_path,
+                       deadlines={"checkpoint": node.checkpoint_timeout_s, "restore": node.restore_timeout_s})
         _write_state(bundle, {"binary": choice.binary, "root": root, "systemd_cgroup": options.systemd_cgroup,
                               "criu_path": options.criu_path, "reason": choice.reason, "options": options.source})
 
@@ -232,18 +233,40 @@ class Container:
         init = self.init
         assert init is not None
         await init.close_io()
+        # runc restore bind-mounts the rootfs at <runc root>/<id>/criu-root; killed half-way it leaves the
+        # mount, and runc delete's RemoveAll would walk into the rootfs through it: unmount it first
+        state = os.path.join(self.runtime.root, self.id)
+        await asyncio.to_thread(mountlib.unmount_recursive, state)
         try:
             await self.runtime.delete(self.id, force=True)
         except RuntimeCommandError as exc:
             if not exc.not_exist:
                 log.warning("container %s: runc delete after failed restore: %s", self.id, exc)
+        # runc without a state.json (killed before writing it) removes its dir but not the cgroups
+        await asyncio.to_thread(self._remove_half_made_runtime_state, state)
         if self.rootfs:
             try:
-                mountlib.unmount_recursive(self.rootfs)
+                await asyncio.to_thread(mountlib.unmount_recursive, self.rootfs)
                 self.rootfs = ""
             except OSError as exc:
                 log.warning("container %s: unmount rootfs after failed restore: %s", self.id, exc)
         init.set_exited(255)
+
+    def _remove_half_made_runtime_state(self, state: str) -> None:
+        """What a runc killed mid-restore leaves: its state dir (under its own root) and the spec's
+        own cgroup, nothing else."""
+        from shim.cgroups.cleanup import remove_container_cgroup
+
+        linux = self.spec.get("linux") if isinstance(self.spec, dict) else None
+        path = linux.get("cgroupsPath") if isinstance(linux, dict) else None
+        if isinstance(path, str) and path:
+            left = remove_container_cgroup(path)
+            if left:
+                log.warning("container %s: cgroups left after a failed restore: %s", self.id, "; ".join(left))
+        if os.path.isdir(state) and not os.path.islink(state):
+            left = mountlib.remove_tree(state)  # unmounts first, never walks into a mount
+            if left:
+                log.warning("container %s: runc state %s left (still mounted: %s)", self.id, state, ", ".join(left))
 
     async def _make_io(self, proc: Process) -> ProcessIO:
         try:
@@ -362,6 +385,11 @@ class Container:
     async def kill(self, exec_id: str, sig: int, all_processes: bool) -> None:
         p = self.process(exec_id)
         p.check(Op.KILL)
+        if isinstance(p, InitProcess) and p.state is State.CREATED_CHECKPOINT \
+                and self.runtime.kill_inflight("restore"):
+            # a restore stuck in CRIU: killing runc and CRIU fails the Start, which undoes the restore
+            log.warning("container %s: kill during its restore: runc restore and CRIU killed", self.id)
+            return
         if isinstance(p, InitProcess):
             try:
                 await self.runtime.kill(self.id, sig, all=all_processes)

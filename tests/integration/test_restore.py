@@ -96,15 +96,15 @@ def test_restore_from_a_bad_image_is_refused_and_leaves_nothing(containerd, cont
 
 
 def test_restore_that_criu_fails_leaves_nothing(containerd, container_id, counter_image, tmp_path):
-    """An image that passes the checks but whose memory pages are gone: CRIU fails the restore; the
+    """An image that passes the checks but whose memory layout (mm-*.img) is gone: CRIU fails the restore; the
     error quotes CRIU's log; no process, runc state, cgroup or mount is left, and the task goes away
     with an ordinary delete."""
     cd, cid = containerd, container_id
     image, _ = counter_image
     damaged = tmp_path / "damaged"
     shutil.copytree(image, damaged)
-    for pages in damaged.glob("pages-*.img"):
-        pages.unlink()
+    for mm in damaged.glob("mm-*.img"):  # the memory layout: gone (page images intact, sizes right)
+        mm.unlink()
     r = cd.ctr("run", "-d", "--runtime", KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={damaged}",
                "docker.io/kybernate/busybox:test", cid, "sh", "-c", "echo fresh", check=False)
     assert r.returncode != 0
@@ -147,3 +147,21 @@ def test_restore_of_a_terminal_task_gets_the_new_console(containerd, container_i
     assert os.readlink(f"/proc/{pid}/fd/1").startswith("/dev/pts/"), os.readlink(f"/proc/{pid}/fd/1")
     # the console works: the shim still copies from it (a full, undrained pty would stop the counter)
     assert counting_past(cd, cid, after + 10, 10) is not None
+
+
+@pytest.mark.parametrize("cut", [36864, 0])
+def test_a_truncated_page_image_is_refused_before_criu_runs(containerd, container_id, counter_image, tmp_path, cut):
+    """CRIU 4.1.1's restorer spins for ever on a page image cut short (its log grew 40 MB/s): the
+    shim compares every page image with its pagemaps first. Refused at Create, CRIU never started."""
+    cd, cid = containerd, container_id
+    image, _ = counter_image
+    damaged = tmp_path / "truncated"
+    shutil.copytree(image, damaged)
+    biggest = max(damaged.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    os.truncate(biggest, cut)
+    r = cd.ctr("run", "-d", "--runtime", KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={damaged}",
+               "docker.io/kybernate/busybox:test", cid, "sh", "-c", "echo fresh", check=False, timeout=60)
+    assert r.returncode != 0
+    assert f"restore container {cid}" in r.stderr and "truncated" in r.stderr and biggest.name in r.stderr, r.stderr
+    assert not (damaged / "restore.log").exists()
+    assert leftovers_of(cd, cid) == [], leftovers_of(cd, cid)

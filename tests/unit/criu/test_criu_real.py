@@ -163,11 +163,13 @@ def test_a_truncated_or_padded_page_image_is_refused_before_criu_runs(criu_bin, 
 
     img = tmp_path / "img"
     img.mkdir()
-    code = "import time; b = bytearray(12 << 20); b[::4096] = b'x' * (3 << 10); time.sleep(1000)"
-    proc = subprocess.Popen(["python3", "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    code = ("import os, time; b = bytearray(12 << 20); b[::4096] = b'x' * (3 << 10); "
+            "os.write(1, b'ready'); os.close(1); time.sleep(1000)")
+    proc = subprocess.Popen(["python3", "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        time.sleep(0.5)
+        assert proc.stdout.read() == b"ready"  # its memory is touched before the dump
+        proc.stdout.close()
         r = subprocess.run([str(criu_bin), "dump", "-t", str(proc.pid), "-D", str(img), "--shell-job"],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr

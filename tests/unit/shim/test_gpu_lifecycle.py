@@ -80,6 +80,7 @@ class FakeRuntime:
     """The OCI runtime's CLI as shim.task.container uses it; records calls, fails on demand."""
 
     def __init__(self, clock: Clock):
+        self.root = "/nonexistent/kybernate-test-runc-root"  # runc's state root (nothing there)
         self.clock = clock
         self.calls: list[str] = []
         self.fail: dict[str, str] = {}  # op -> runtime error message

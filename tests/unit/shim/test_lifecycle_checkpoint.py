@@ -37,6 +37,7 @@ class FakeRuntime:
     binary = "/usr/sbin/runc"
 
     def __init__(self, fail: str = "", status: str = "running"):
+        self.root = "/nonexistent/kybernate-test-runc-root"  # runc's state root (nothing there)
         self.fail = fail
         self.status = status
         self.calls: list[tuple] = []

@@ -218,3 +218,39 @@ def test_long_overlay_is_mounted_without_changing_the_shims_cwd(tmp_path):
         assert os.getcwd() == before and seen == {before}
     finally:
         mount.unmount_recursive(str(target))
+
+
+def test_remove_tree_unmounts_first_and_never_walks_into_a_mount(tmp_path):
+    """CRIU's cgroup yard left under its work dir: removing the work dir must not delete what the
+    mounts show (here a bind mount of a directory whose files must survive)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    precious = tmp_path / "host-cgroups"
+    (precious / "empty-group").mkdir(parents=True)
+    (precious / "keep").write_text("x")
+    work = tmp_path / "criu-work"
+    (work / "cgyard" / "memory").mkdir(parents=True)
+    (work / "restore.log").write_text("log")
+    mount._sys_mount(str(precious), str(work / "cgyard" / "memory"), "", mount.MS_BIND, "")
+    assert mount.is_mounted(str(work / "cgyard" / "memory"))
+    assert mount.remove_tree(str(work)) == []
+    assert not work.exists()
+    assert (precious / "empty-group").is_dir() and (precious / "keep").read_text() == "x"
+
+
+def test_remove_tree_leaves_a_mount_it_cannot_unmount(tmp_path, monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    precious = tmp_path / "host"
+    precious.mkdir()
+    (precious / "keep").write_text("x")
+    work = tmp_path / "w"
+    (work / "m").mkdir(parents=True)
+    mount._sys_mount(str(precious), str(work / "m"), "", mount.MS_BIND, "")
+    monkeypatch.setattr(mount, "unmount_recursive", lambda target: None)  # as if it were busy for ever
+    try:
+        assert mount.remove_tree(str(work)) == [str(work / "m")]
+        assert (precious / "keep").read_text() == "x"
+    finally:
+        monkeypatch.undo()
+        mount.unmount_recursive(str(work))
