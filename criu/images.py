@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .config import atomic_write_text
+from fsutil.atomic import atomic_write
+
 from .errors import CriuImageError
 
 IMG_COMMON_MAGIC = 0x54564319
@@ -119,7 +120,7 @@ def mark_complete(directory: str | os.PathLike, meta: Optional[Mapping[str, Any]
     doc = {"version": MARKER_VERSION, "completed_at": time.time(), "stats": asdict(stats),
            "meta": dict(meta or {})}
     target = d / COMPLETE_MARKER
-    atomic_write_text(target, json.dumps(doc, sort_keys=True))
+    atomic_write(target, json.dumps(doc, sort_keys=True))
     return target
 
 

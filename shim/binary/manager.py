@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
+from fsutil.atomic import atomic_write
 from shim.binary.cli import RUNTIME_NAME, VERSION, Flags
 
 SOCKET_DIR = "/run/containerd/s"
@@ -104,13 +105,6 @@ def _bind(address: str):
         s.close()
         raise
     return s
-
-
-def _write_file(path: str, data: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _binary() -> list[str]:
@@ -253,7 +247,7 @@ def containerd_major(pid: int | None = None) -> int:
     major = _ask_version(exe)
     try:
         os.makedirs(VERSION_CACHE_DIR, mode=0o700, exist_ok=True)
-        _write_file(cache, str(major))
+        atomic_write(cache, str(major))
     except OSError:
         pass
     return major
@@ -290,7 +284,7 @@ def start(flags: Flags) -> int:
             return 1
         if can_connect(address):
             # a shim for this group (pod) is already serving: containerd talks to it
-            _write_file(os.path.join(bundle, "address"), address)
+            atomic_write(os.path.join(bundle, "address"), address)
             sys.stdout.write(bootstrap_output(address))
             return 0
         try:
@@ -301,7 +295,7 @@ def start(flags: Flags) -> int:
             return 1
 
     try:
-        _write_file(os.path.join(bundle, "address"), address)
+        atomic_write(os.path.join(bundle, "address"), address)
         pid = _start_daemon(flags, listener.fileno())
     except OSError as exc:
         listener.close()
@@ -310,7 +304,7 @@ def start(flags: Flags) -> int:
         return 1
     listener.close()
     try:
-        _write_file(os.path.join(bundle, "shim.pid"), str(pid))
+        atomic_write(os.path.join(bundle, "shim.pid"), str(pid))
         cgroup = _read_stdin_options().shim_cgroup
         if cgroup:
             _join_cgroup(pid, cgroup)

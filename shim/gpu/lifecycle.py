@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterable, Mapping, Optional
 
+from fsutil.atomic import atomic_write
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
@@ -296,10 +297,7 @@ class Suspension:
 
 def write_record(image_dir: str, record: dict) -> str:
     path = os.path.join(image_dir, RECORD_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(record, indent=1))
     return path
 
 

@@ -14,6 +14,7 @@ import re
 import signal as _signal
 from typing import Any
 
+from fsutil.atomic import atomic_write
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
@@ -449,8 +450,4 @@ def _mark_deleted(bundle: str) -> None:
 
 
 def _write_state(bundle: str, state: dict) -> None:
-    path = os.path.join(bundle, STATE_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-    os.replace(tmp, path)
+    atomic_write(os.path.join(bundle, STATE_FILE), json.dumps(state))
