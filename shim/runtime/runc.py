@@ -14,11 +14,11 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from shim.bundle import RUNC_ROOT
 from shim.runtime.reaper import Reaper
 
 DEFAULT_BINARY = "runc"
 NVIDIA_RUNTIME = "nvidia-container-runtime"
-RUNC_ROOT = "/run/containerd/runc"
 
 
 class RuntimeSelectionError(Exception):

@@ -18,6 +18,7 @@ from fsutil.atomic import atomic_write
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
+from shim.bundle import DELETED_MARK, INIT_PID_FILE, STATE_FILE
 from shim.gpu import lifecycle as gpu
 from shim.checkpoint import seam as lifecycle
 from shim.runtime import mount as mountlib
@@ -33,9 +34,6 @@ log = logging.getLogger("kybernate.shim")
 # containerd's identifier rule (pkg/identifiers): alphanumerics separated by single . _ or -
 _ID_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
 MAX_ID_LENGTH = 76
-INIT_PID_FILE = "init.pid"
-STATE_FILE = "kybernate.json"
-DELETED_MARK = "kybernate.deleted"
 DRAIN_ON_DELETE = 10.0
 
 
