@@ -56,9 +56,12 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "shim": frozenset(),                  # shim.wire: the hot path's protobuf slice, stdlib only
     "shim.cgroups": frozenset({"fsutil", "proto"}),     # proto: containerd's cgroup metrics types
     "shim.runtime": frozenset({"shim", "shim.cgroups", "fsutil", "ttrpc", "proto"}),
-    "shim.gpu": frozenset({"shim.runtime", "shim.cgroups", "cuda_bindings", "criu", "fsutil", "ttrpc", "proto"}),
-    "shim.checkpoint": frozenset({"shim.gpu", "shim.runtime", "shim.cgroups", "criu", "fsutil", "ttrpc",
-                                  "proto"}),
+    # The seam: its interface and the plain CRIU path. The GPU layer is stacked on it (implements the
+    # interface, wraps the CRIU path), so the arrow runs gpu -> checkpoint and never back; the task
+    # package picks the layer once per container.
+    "shim.checkpoint": frozenset({"shim.runtime", "shim.cgroups", "criu", "fsutil", "ttrpc", "proto"}),
+    "shim.gpu": frozenset({"shim.checkpoint", "shim.runtime", "shim.cgroups", "cuda_bindings", "criu", "fsutil",
+                           "ttrpc", "proto"}),
     "shim.task": frozenset({"shim.checkpoint", "shim.gpu", "shim.runtime", "shim.cgroups", "shim", "criu",
                             "cuda_bindings", "fsutil", "ttrpc", "proto"}),
     # the top: start/delete/daemon; the warm template preloads every room the daemon will use
