@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, MutableMapping, Optional, Union
+
+from fsutil.atomic import atomic_write
 
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
 RUNC_DEFAULT_CONFIG = "/etc/criu/runc.conf"
@@ -83,8 +84,8 @@ def write_runc_criu_config(path: str | os.PathLike, *, plugin_dir: Optional[str 
                            extra_options: Iterable[Option] = ()) -> Path:
     """Write the file atomically (runc/CRIU may read it while a previous task's write is replaced)."""
     path = Path(path)
-    atomic_write_text(path, render_criu_config(plugin_dir=plugin_dir, log_file=log_file,
-                                           extra_options=extra_options))
+    atomic_write(path, render_criu_config(plugin_dir=plugin_dir, log_file=log_file,
+                                          extra_options=extra_options))
     return path
 
 
@@ -134,24 +135,6 @@ def annotate_bundle(bundle: str | os.PathLike, config_path: Optional[str | os.Pa
     spec_path = Path(bundle) / "config.json"
     spec = json.loads(spec_path.read_text())
     set_criu_config_annotation(spec, config_path)
-    atomic_write_text(spec_path, json.dumps(spec, indent=None, separators=(",", ":")),
-                  mode=spec_path.stat().st_mode & 0o7777)
+    atomic_write(spec_path, json.dumps(spec, indent=None, separators=(",", ":")),
+                 mode=spec_path.stat().st_mode & 0o7777)
     return spec_path
-
-
-def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write through a temp file and rename, so a reader (runc, CRIU, a restore) never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

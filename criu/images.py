@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .config import atomic_write_text
+from fsutil.atomic import atomic_write
+
 from .errors import CriuImageError
 
 IMG_COMMON_MAGIC = 0x54564319
@@ -145,7 +146,7 @@ def expected_page_bytes(directory: str | os.PathLike) -> dict[str, int]:
     pages_id and the sum of nr_pages over the entries whose pages are in this image (present, not in
     the parent). A page image shorter than this makes CRIU 4.1.1's restorer spin on a read that
     returns 0 (a hang, not an error): the shim checks before CRIU starts."""
-    from ttrpc.errors import ProtocolError
+    from ttrpc.protocol_errors import ProtocolError
     from ttrpc.wire import iter_fields
 
     d = Path(directory)
@@ -210,7 +211,7 @@ def mark_complete(directory: str | os.PathLike, meta: Optional[Mapping[str, Any]
     doc = {"version": MARKER_VERSION, "completed_at": time.time(), "stats": asdict(stats),
            "meta": dict(meta or {})}
     target = d / COMPLETE_MARKER
-    atomic_write_text(target, json.dumps(doc, sort_keys=True))
+    atomic_write(target, json.dumps(doc, sort_keys=True))
     return target
 
 

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 import grpc
 
+from shim.wire import WireError, fields
+
 from . import OperatorError
 
 NAMESPACE_METADATA = "containerd-namespace"
@@ -123,44 +125,20 @@ def status_name(process) -> str:
     return task_pb2.Status.Name(process.status).lower() if process is not None else "no task"
 
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i
-        shift += 7
-
-
-def _fields(buf: bytes):
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
-        else:
-            raise OperatorError(f"cannot decode containerd's namespace list (wire type {wire})")
-        yield field, wire, value
-
-
 def _namespace_names(raw: bytes) -> list[str]:
-    """ListNamespacesResponse{repeated Namespace namespaces = 1}, Namespace{string name = 1; ...}."""
+    """ListNamespacesResponse{repeated Namespace namespaces = 1}, Namespace{string name = 1; ...}.
+
+    Read with the shim's bounds-checked reader (`shim.wire`): bytes that are not this message are an
+    OperatorError that says so, never an IndexError or a name cut short."""
     names = []
-    for field, wire, value in _fields(raw):
-        if field == 1 and wire == 2:
-            for f2, w2, v2 in _fields(value):
-                if f2 == 1 and w2 == 2:
-                    names.append(v2.decode())
+    try:
+        for number, value in fields(raw):
+            if number == 1 and isinstance(value, bytes):
+                for inner, name in fields(value):
+                    if inner == 1 and isinstance(name, bytes):
+                        names.append(name.decode("utf-8"))
+    except (WireError, UnicodeDecodeError) as exc:
+        raise OperatorError(f"cannot decode containerd's namespace list: {exc}") from None
     return names
 
 

@@ -6,15 +6,15 @@ handlers raise and what `Client.call` raises. `ProtocolError` means the bytes th
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
 
 from .codes import Code
+from .protocol_errors import MessageTooLarge, ProtocolError  # noqa: F401 - re-exported
 
 
 class TTRPCError(Exception):
     """A non-OK status. `details` are google.protobuf.Any-like objects (type_url, value)."""
 
-    def __init__(self, code: Code | int, message: str = "", details: Sequence[Any] = ()):
+    def __init__(self, code: Code | int, message: str = "", details: "tuple | list" = ()):
         self.code = Code.from_wire(int(code))
         self.message = message
         self.details = tuple(details)
@@ -26,18 +26,3 @@ class ConnectionClosed(TTRPCError):
 
     def __init__(self, message: str = "connection closed"):
         super().__init__(Code.UNAVAILABLE, message)
-
-
-class ProtocolError(Exception):
-    """The peer sent bytes that are not ttrpc (or ours would not be)."""
-
-
-class MessageTooLarge(ProtocolError):
-    """A frame's data exceeds the limit. Carries the stream so the server can answer that stream
-    with RESOURCE_EXHAUSTED before it closes the connection."""
-
-    def __init__(self, length: int, limit: int, stream_id: int | None = None):
-        self.length = length
-        self.limit = limit
-        self.stream_id = stream_id
-        super().__init__(f"message of {length} bytes exceeds the maximum message length of {limit} bytes")

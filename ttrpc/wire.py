@@ -8,9 +8,8 @@ IndexError or UnicodeDecodeError, because the input comes from a peer we do not 
 from __future__ import annotations
 
 import struct
-from typing import Iterator
 
-from .errors import ProtocolError
+from .protocol_errors import ProtocolError
 
 VARINT = 0
 FIXED64 = 1
@@ -77,7 +76,7 @@ def encode_varint_field(field_number: int, value: int) -> bytes:
     return tag(field_number, VARINT) + encode_varint(value)
 
 
-def iter_fields(data: bytes | memoryview) -> Iterator[tuple[int, int, int | bytes]]:
+def iter_fields(data: bytes | memoryview) -> "Generator[tuple[int, int, int | bytes]]":  # noqa: F821 - no typing import: on `start`'s path
     """Yields (field number, wire type, value): an int for VARINT/FIXED*, bytes for LENGTH_DELIMITED.
 
     Groups (wire types 3 and 4) are refused: proto3 never emits them and skipping them correctly
@@ -97,7 +96,8 @@ def iter_fields(data: bytes | memoryview) -> Iterator[tuple[int, int, int | byte
         elif wire_type == LENGTH_DELIMITED:
             length, offset = decode_varint(view, offset)
             if length > end - offset:
-                raise ProtocolError(f"field {field_number}: length {length} runs past the end of the message")
+                raise ProtocolError(f"field {field_number}: length {length} runs past the end of the message "
+                                    f"({end - offset} bytes left)")
             yield field_number, wire_type, bytes(view[offset:offset + length])
             offset += length
         elif wire_type == FIXED64:

@@ -13,7 +13,7 @@ rm -rf "/host$payload"
 mv "/host$payload.new" "/host$payload"
 # shellcheck disable=SC2086
 nsenter --target 1 --mount --uts --ipc --net --pid -- \
-    "$payload/install.sh" --wheelhouse "$payload/wheelhouse" --restart-containerd ${KYBERNATE_INSTALL_ARGS:-}
+    "$payload/packaging/install.sh" --wheelhouse "$payload/wheelhouse" --restart-containerd ${KYBERNATE_INSTALL_ARGS:-}
 case " ${KYBERNATE_INSTALL_ARGS:-} " in
     *" --uninstall "*)
         [ ! -e /host/usr/local/bin/containerd-shim-kybernate-v1 ] || { echo "shim link still present" >&2; exit 1; }

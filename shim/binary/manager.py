@@ -15,7 +15,10 @@ from __future__ import annotations
 import os
 import sys
 
+from fsutil.atomic import atomic_write
 from shim.binary.cli import RUNTIME_NAME, VERSION, Flags
+from shim.bundle import (ADDRESS_FILE, DELETED_MARK, INIT_PID_FILE, ROOTFS_DIR, RUNC_ROOT, SHIM_PID_FILE,
+                         SPEC_FILE, STATE_FILE)
 
 SOCKET_DIR = "/run/containerd/s"
 # Annotations that put several containers on one shim (a Kubernetes pod), first match wins.
@@ -24,9 +27,6 @@ GROUP_ANNOTATIONS = (
     "io.containerd.runc.v2.group",
     "io.kubernetes.cri.sandbox-id",
 )
-STATE_FILE = "kybernate.json"  # written by Create: which runtime binary/root `delete` must use
-DELETED_MARK = "kybernate.deleted"  # written by the daemon after a clean Delete
-DEFAULT_RUNC_ROOT = "/run/containerd/runc"
 EADDRINUSE = 98
 
 
@@ -37,7 +37,7 @@ def _err(msg: str) -> None:
 def grouping_id(bundle: str, task_id: str) -> str:
     """The id the socket is named after: the pod's sandbox id when the bundle says so, else the task's."""
     try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
+        with open(os.path.join(bundle, SPEC_FILE), "rb") as f:
             raw = f.read()
     except OSError:
         return task_id
@@ -104,13 +104,6 @@ def _bind(address: str):
         s.close()
         raise
     return s
-
-
-def _write_file(path: str, data: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _binary() -> list[str]:
@@ -253,7 +246,7 @@ def containerd_major(pid: int | None = None) -> int:
     major = _ask_version(exe)
     try:
         os.makedirs(VERSION_CACHE_DIR, mode=0o700, exist_ok=True)
-        _write_file(cache, str(major))
+        atomic_write(cache, str(major))
     except OSError:
         pass
     return major
@@ -290,7 +283,7 @@ def start(flags: Flags) -> int:
             return 1
         if can_connect(address):
             # a shim for this group (pod) is already serving: containerd talks to it
-            _write_file(os.path.join(bundle, "address"), address)
+            atomic_write(os.path.join(bundle, ADDRESS_FILE), address)
             sys.stdout.write(bootstrap_output(address))
             return 0
         try:
@@ -301,7 +294,7 @@ def start(flags: Flags) -> int:
             return 1
 
     try:
-        _write_file(os.path.join(bundle, "address"), address)
+        atomic_write(os.path.join(bundle, ADDRESS_FILE), address)
         pid = _start_daemon(flags, listener.fileno())
     except OSError as exc:
         listener.close()
@@ -310,7 +303,7 @@ def start(flags: Flags) -> int:
         return 1
     listener.close()
     try:
-        _write_file(os.path.join(bundle, "shim.pid"), str(pid))
+        atomic_write(os.path.join(bundle, SHIM_PID_FILE), str(pid))
         cgroup = _read_stdin_options().shim_cgroup
         if cgroup:
             _join_cgroup(pid, cgroup)
@@ -371,13 +364,13 @@ def delete(flags: Flags) -> int:
         _force_delete(flags, bundle)
     pid = 0
     try:
-        with open(os.path.join(bundle, "init.pid")) as f:
+        with open(os.path.join(bundle, INIT_PID_FILE)) as f:
             pid = int(f.read().strip() or 0)
     except (OSError, ValueError):
         pass
     # the socket of a shim that died (SIGKILL) stays behind; remove it unless a shim still serves it
     try:
-        with open(os.path.join(bundle, "address")) as f:
+        with open(os.path.join(bundle, ADDRESS_FILE)) as f:
             address = f.read().strip()
         if address and not can_connect(address):
             _remove_socket(address)
@@ -400,7 +393,7 @@ def _force_delete(flags: Flags, bundle: str) -> None:
 
     state = read_state(bundle)
     binary = state.get("binary") or "runc"
-    root = state.get("root") or os.path.join(DEFAULT_RUNC_ROOT, flags.namespace)
+    root = state.get("root") or os.path.join(RUNC_ROOT, flags.namespace)
     if flags.id:
         cmd = [binary, "--root", root]
         if state.get("systemd_cgroup"):
@@ -416,7 +409,7 @@ def _force_delete(flags: Flags, bundle: str) -> None:
         except (OSError, subprocess.TimeoutExpired) as exc:
             _err(f"delete {flags.id}: {binary} delete --force: {exc}")
     try:
-        mount.unmount_recursive(os.path.join(bundle, "rootfs"))
+        mount.unmount_recursive(os.path.join(bundle, ROOTFS_DIR))
     except OSError as exc:
         _err(f"delete {flags.id}: unmount rootfs: {exc}")
 

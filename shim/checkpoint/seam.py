@@ -26,6 +26,7 @@ from typing import Any, Optional
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
+from shim.bundle import INIT_PID_FILE
 from shim.checkpoint.layer import LifecycleLayer, TaskHandle
 from shim.checkpoint.settings import (RESTORE_FIELDS, CheckpointSettings, prepare_bundle, recorded_options,
                                       resolve_image, restore_source, write_note)
@@ -224,7 +225,7 @@ async def restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings:
     work = settings.work_dir("", cid)
     scratch = "" if work else os.path.join(task.bundle, "criu-work")
     os.makedirs(work or scratch, exist_ok=True)
-    pid_file = os.path.join(task.bundle, "init.pid")
+    pid_file = os.path.join(task.bundle, INIT_PID_FILE)
     try:
         try:
             plan = RestorePlan(container_id=cid, bundle=task.bundle, image_path=image,

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from fsutil.atomic import atomic_write
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
@@ -228,11 +229,7 @@ def resolve_image(path: str, container_id: str, source: str) -> str:
 
 def write_note(directory: str, doc: Mapping) -> None:
     """Our note in containerd's checkpoint dir: unique per checkpoint (id, time, where the image is)."""
-    path = os.path.join(directory, NOTE_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(doc), f, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write(os.path.join(directory, NOTE_NAME), json.dumps(dict(doc), sort_keys=True))
 
 
 def read_note(directory: str) -> Optional[dict]:

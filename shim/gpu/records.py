@@ -12,10 +12,9 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
-from criu.config import atomic_write_text
+from fsutil.atomic import atomic_write
 
 RECORD_NAME = "kybernate-gpu.json"
 RECORD_FORMAT = 1
@@ -75,7 +74,7 @@ class RecordError(ValueError):
 
 def write_record(image_dir: str, record: dict) -> str:
     path = os.path.join(image_dir, RECORD_NAME)
-    atomic_write_text(Path(path), json.dumps(record, indent=1), mode=0o600)
+    atomic_write(path, json.dumps(record, indent=1).encode(), mode=0o600)
     return path
 
 

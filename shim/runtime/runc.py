@@ -15,11 +15,11 @@ import signal
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from shim.bundle import RUNC_ROOT
 from shim.runtime.reaper import Reaper
 
 DEFAULT_BINARY = "runc"
 NVIDIA_RUNTIME = "nvidia-container-runtime"
-RUNC_ROOT = "/run/containerd/runc"
 DEFAULT_DEADLINE_S = 120.0  # any runc command but checkpoint/restore (those: node config, criu.*_timeout_s)
 
 
@@ -405,28 +405,6 @@ class Runc:
 
     async def update(self, container_id: str, resources_json: bytes) -> None:
         await self._run("update", "update", "--resources", "-", container_id, input=resources_json)
-
-    async def checkpoint(self, container_id: str, image_path: str, work_path: str,
-                         leave_running: bool = True, extra_args: Sequence[str] = ()) -> None:
-        args = ["checkpoint", "--image-path", image_path, "--work-path", work_path]
-        if leave_running:
-            args.append("--leave-running")
-        args += list(extra_args)
-        args.append(container_id)
-        await self._run("checkpoint", *args)
-
-    async def restore(self, container_id: str, bundle: str, image_path: str, work_path: str, pid_file: str,
-                      stdio: Stdio | None = None, console_socket: str = "", no_pivot: bool = False,
-                      extra_args: Sequence[str] = ()) -> None:
-        args = ["restore", "--detach", "--bundle", bundle, "--image-path", image_path,
-                "--work-path", work_path, "--pid-file", pid_file, "--no-subreaper"]
-        if console_socket:
-            args += ["--console-socket", console_socket]
-        if no_pivot:
-            args.append("--no-pivot")
-        args += list(extra_args)
-        args.append(container_id)
-        await self._run("restore", *args, stdio=stdio, capture=False)
 
 
 def read_pid_file(path: str) -> int:

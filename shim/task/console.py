@@ -15,7 +15,7 @@ import struct
 import tempfile
 import termios
 
-from shim.task.io import IOSetupError, Pump, StdioPaths, _close, _strip_scheme, wait_pumps
+from shim.task.io import IOSetupError, Pump, StdinFifo, StdioPaths, _close, _strip_scheme, wait_pumps
 
 
 class ConsoleSocket:
@@ -64,8 +64,7 @@ class Console:
         self.paths = paths
         self.process_id = process_id
         self._out_fd: int | None = None
-        self._stdin_fd: int | None = None
-        self._stdin_keepalive: int | None = None
+        self._stdin: StdinFifo | None = None
         self.pumps: list[Pump] = []
         self._stdin_pump: Pump | None = None
 
@@ -89,17 +88,11 @@ class Console:
         else:
             self.pumps.append(Pump(self.master, None, close_src=False, name=f"{self.process_id}/console"))
         if self.paths.stdin:
-            path = _strip_scheme(self.paths.stdin)
-            try:
-                self._stdin_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                self._stdin_keepalive = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:
-                raise IOSetupError(f"open stdin {path}: {exc.strerror}") from exc
+            self._stdin = StdinFifo(self.paths.stdin)
             master_w = os.dup(self.master)
             os.set_inheritable(master_w, False)
-            self._stdin_pump = Pump(self._stdin_fd, master_w, close_dst=lambda: _close(master_w),
+            self._stdin_pump = Pump(self._stdin.take_reader(), master_w, close_dst=lambda: _close(master_w),
                                     name=f"{self.process_id}/console-stdin")
-            self._stdin_fd = None  # owned by the pump now
 
     def resize(self, width: int, height: int) -> None:
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
@@ -108,8 +101,9 @@ class Console:
         return await wait_pumps(self.pumps, timeout)
 
     def close_stdin(self) -> None:
-        fd, self._stdin_keepalive = self._stdin_keepalive, None
-        _close(fd)
+        """CloseIO: stop keeping stdin open; the terminal sees EOF once containerd's writer closes."""
+        if self._stdin is not None:
+            self._stdin.close_keepalive()
 
     def close_now(self) -> None:
         self.close_stdin()
@@ -117,8 +111,8 @@ class Console:
             p.cancel()
         if self._stdin_pump is not None:
             self._stdin_pump.cancel()
-        _close(self._stdin_fd)
-        self._stdin_fd = None
+        if self._stdin is not None:
+            self._stdin.close()
         if self.master >= 0:
             _close(self.master)
             self.master = -1

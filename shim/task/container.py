@@ -17,6 +17,7 @@ import re
 import signal as _signal
 from typing import Any
 
+from fsutil.atomic import atomic_write
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
@@ -25,6 +26,7 @@ from shim.checkpoint.layer import LifecycleLayer, PlainLayer, TaskHandle, descri
 from shim.checkpoint.settings import CheckpointSettings
 from shim.gpu import lifecycle as gpu_lifecycle
 from shim.policy.node import NodeConfig, NodeConfigError
+from shim.bundle import DELETED_MARK, INIT_PID_FILE, STATE_FILE
 from shim.runtime import mount as mountlib
 from shim.task.console import Console, ConsoleSocket
 from shim.task.io import IOSetupError, ProcessIO, StdioPaths
@@ -38,9 +40,6 @@ log = logging.getLogger("kybernate.shim")
 # containerd's identifier rule (pkg/identifiers): alphanumerics separated by single . _ or -
 _ID_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
 MAX_ID_LENGTH = 76
-INIT_PID_FILE = "init.pid"
-STATE_FILE = "kybernate.json"
-DELETED_MARK = "kybernate.deleted"
 DRAIN_ON_DELETE = 10.0
 
 
@@ -543,8 +542,4 @@ def _mark_deleted(bundle: str) -> None:
 
 
 def _write_state(bundle: str, state: dict) -> None:
-    path = os.path.join(bundle, STATE_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-    os.replace(tmp, path)
+    atomic_write(os.path.join(bundle, STATE_FILE), json.dumps(state))

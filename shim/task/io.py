@@ -148,6 +148,44 @@ def _close(fd: int | None) -> None:
         pass
 
 
+class StdinFifo:
+    """containerd's stdin fifo as the shim holds it, for pipes (`ProcessIO`) and terminals (`Console`).
+
+    A read end, which a pump copies into the process, and a writer of our own: it keeps the fifo from
+    reading EOF while containerd's writer comes and goes (``ctr attach``, a restarted containerd).
+    CloseIO closes that writer, so the process sees EOF once containerd's side is closed too."""
+
+    def __init__(self, path: str):
+        path = _strip_scheme(path)
+        try:
+            self.reader: int | None = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise IOSetupError(f"open stdin fifo {path}: {exc.strerror}") from exc
+        try:
+            self._keepalive: int | None = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            _close(self.reader)
+            self.reader = None
+            raise IOSetupError(f"open stdin fifo {path} for writing: {exc.strerror}") from exc
+
+    def take_reader(self) -> int:
+        """The read end, for the pump (or the copy set up before it) that owns it from now on."""
+        fd, self.reader = self.reader, None
+        if fd is None:
+            raise ValueError("the stdin fifo's read end was taken already")
+        return fd
+
+    def close_keepalive(self) -> None:
+        """CloseIO: stop holding the fifo open for writing."""
+        fd, self._keepalive = self._keepalive, None
+        _close(fd)
+
+    def close(self) -> None:
+        self.close_keepalive()
+        fd, self.reader = self.reader, None
+        _close(fd)
+
+
 async def wait_pumps(pumps, timeout: float) -> bool:
     """True once every pump has copied its source to EOF (pipes and consoles alike); False on timeout."""
     pending = [p.done for p in pumps if not p.done.done()]
@@ -182,7 +220,7 @@ class ProcessIO:
         self._child_fds: list[int] = []  # to close in the shim once the process holds them
         self._own_fds: list[int] = []  # closed on close()
         self._copies: list[tuple[int, int | None, Callable[[], None] | None, str]] = []
-        self._stdin_keepalive: int | None = None  # a writer on the stdin fifo, closed by CloseIO
+        self._stdin: StdinFifo | None = None
         self._stdin_copy: tuple[int, int] | None = None
         self.pumps: list[Pump] = []
         self._stdin_pump: Pump | None = None
@@ -220,19 +258,11 @@ class ProcessIO:
         self.child.stdin = r
         self._child_fds.append(r)
         try:
-            src = os.open(_strip_scheme(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
+            self._stdin = StdinFifo(path)
+        except IOSetupError:
             _close(w)
-            raise IOSetupError(f"open stdin fifo {path}: {exc.strerror}") from exc
-        # our own writer keeps the fifo from reading EOF when containerd's writer comes and goes;
-        # CloseIO closes it so the process sees EOF once containerd's side is closed too
-        try:
-            self._stdin_keepalive = os.open(_strip_scheme(path), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            _close(w)
-            _close(src)
-            raise IOSetupError(f"open stdin fifo {path} for writing: {exc.strerror}") from exc
-        self._stdin_copy = (src, w)
+            raise
+        self._stdin_copy = (self._stdin.take_reader(), w)
 
     def _open_out(self, path: str) -> int:
         path = _strip_scheme(path)
@@ -358,8 +388,8 @@ class ProcessIO:
 
     def close_stdin(self) -> None:
         """CloseIO: stop keeping stdin open; the process sees EOF once containerd's writer closes."""
-        fd, self._stdin_keepalive = self._stdin_keepalive, None
-        _close(fd)
+        if self._stdin is not None:
+            self._stdin.close_keepalive()
 
     def close_now(self) -> None:
         """Tear everything down (process deleted or creation failed)."""

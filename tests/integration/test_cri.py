@@ -2,7 +2,7 @@
 way kubelet drives it, on containerd 1.7 and 2.1.
 
 containerd runs with the harness's config in which the kybernate runtime entry is replaced by exactly
-what the node installer writes (packaging/kybernate_install.py: runtime_type, pod_annotations and
+what the node installer writes (packaging/containerd_toml.py: runtime_type, pod_annotations and
 container_annotations kybernate.io/*, options). Pods use host networking (no CNI here) and the
 harness's local pause image; nothing is pulled.
 
@@ -42,7 +42,7 @@ from .images import build_image
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "packaging"))
-import kybernate_install as ki  # noqa: E402
+import containerd_toml as ct  # noqa: E402  (what the node installer writes)
 
 sys.path.remove(str(REPO / "packaging"))
 
@@ -77,7 +77,7 @@ class CriContainerd(Containerd):
         base = "\n".join(out) + "\n"
         assert "restrict_oom_score_adj" in base
         version = (2, 1, 0) if self.version == "2.1" else (1, int(self.version.split(".")[1]), 0)
-        return ki.merge_config(base, version, ki.RuntimeSettings()).text
+        return ct.merge_config(base, version, ct.RuntimeSettings()).text
 
 
 def kubelet_labels(pod: str, uid: str) -> dict:

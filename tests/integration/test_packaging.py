@@ -27,7 +27,8 @@ from .harness import BUSYBOX_REF, KYBERNATE_RUNTIME, VENV_BIN, Containerd, insta
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_SH = REPO / "packaging" / "install.sh"
 sys.path.insert(0, str(REPO / "packaging"))
-import kybernate_install as ki  # noqa: E402  (a standalone script, see tests/unit/packaging)
+import containerd_toml as ct  # noqa: E402  (standalone scripts, see tests/unit/packaging)
+import kybernate_install as ki  # noqa: E402
 
 sys.path.remove(str(REPO / "packaging"))
 
@@ -122,7 +123,7 @@ def test_containerd_reads_the_merged_runtime(tmp_path, version, base, plugin):
         cfg.write_text(base)
     opts = ki.Options(prefix=tmp_path / "opt", config=cfg, bin_dir=tmp_path / "bin", source=None,
                       wheelhouse=None, python=sys.executable, containerd_binary=str(inst.containerd),
-                      containerd_version="auto", settings=ki.RuntimeSettings(systemd_cgroup=True),
+                      containerd_version="auto", settings=ct.RuntimeSettings(systemd_cgroup=True),
                       systemd_auto=False, restart=False, restart_command="true", dry_run=False,
                       force_reinstall=False, skip_config=False)
     assert ki.install_config(opts, ki.containerd_version(opts), ki.Reporter())
@@ -318,9 +319,6 @@ def test_kybernate_checkpoint_and_ps_by_containerd_id(containerd, container_id, 
     r = kyb(cd, "checkpoint", container_id, "--image-path", str(tmp_path / "again"))
     assert r.returncode == 1 and "is not running" in r.stderr
 
-    if "kybernate.io/restore-from" not in " ".join(
-            p.read_text() for p in (REPO / "shim").glob("*.py") if p.name != "operator_cli.py"):
-        pytest.xfail("the shim does not read the kybernate.io/restore-from annotation yet")
     r = kyb(cd, "restore", container_id, "--from", str(image2), "--ctr", str(cd.install.ctr))
     assert r.returncode == 0, r.stdout + r.stderr
     assert count(cd, container_id) >= before

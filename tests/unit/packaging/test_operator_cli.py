@@ -17,9 +17,9 @@ from kybernate.checkpoint import Progress, Target, human, parse_target, tree_siz
 from kybernate.containerd_api import _namespace_names, target as grpc_target
 from kybernate.ps import Row, _cuda_cell, nvidia_smi_usage, pod_of, render
 
-from installer_module import PACKAGING, load
+from installer_module import load_toml
 
-ki = load()
+ct = load_toml()   # what the node installer writes into config.toml
 
 
 def script(path: Path, body: str) -> Path:
@@ -139,7 +139,7 @@ def node(tmp_path):
     (plugins / "cuda_plugin.so").write_bytes(b"\x7fELF")
     cgroup = tmp_path / "cgroup"
     config = tmp_path / "config.toml"
-    config.write_text(ki.merge_config("version = 2\n", (1, 7, 24), ki.RuntimeSettings()).text)
+    config.write_text(ct.merge_config("version = 2\n", (1, 7, 24), ct.RuntimeSettings()).text)
     env = doctor.DoctorEnv(config=str(config), address=str(tmp_path / "no.sock"), path=str(bin_dir),
                            criu_plugin_dirs=[str(plugins)], euid=0, cuda_driver=FakeDriver,
                            check_daemon=False)
@@ -237,7 +237,7 @@ def test_doctor_config_problems(node, monkeypatch):
     r = doctor.run_checks(node)
     assert not r.containerd_ready and f"no kybernate runtime in {cfg}" in r.containerd_reason
     assert r.cpu_ready or "cgroups" in r.cpu_reason     # the config does not decide CPU readiness
-    cfg.write_text(ki.merge_config(None, (2, 1, 0), ki.RuntimeSettings()).text)
+    cfg.write_text(ct.merge_config(None, (2, 1, 0), ct.RuntimeSettings()).text)
     checks = doctor.run_checks(node).checks
     assert any(c.name == "containerd config version" and c.status == "fail" for c in checks)
     cfg.unlink()
@@ -278,9 +278,9 @@ def test_criu_default_plugin_dir_from_help(node):
 def test_inspect_finds_entries_in_imports_and_misplaced_ones(tmp_path):
     conf_d = tmp_path / "conf.d"
     conf_d.mkdir()
-    (conf_d / "kybernate.toml").write_text(ki.render_entry(3, ki.RuntimeSettings()))
+    (conf_d / "kybernate.toml").write_text(ct.render_entry(3, ct.RuntimeSettings()))
     main = tmp_path / "config.toml"
-    main.write_text('version = 3\nimports = ["conf.d/*.toml"]\n' + ki.render_entry(2, ki.RuntimeSettings()))
+    main.write_text('version = 3\nimports = ["conf.d/*.toml"]\n' + ct.render_entry(2, ct.RuntimeSettings()))
     report = containerd_config.inspect(main)
     assert report.schema == 3
     assert [e.file for e in report.entries] == [str(conf_d / "kybernate.toml")]

@@ -254,3 +254,59 @@ def test_remove_tree_leaves_a_mount_it_cannot_unmount(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         mount.unmount_recursive(str(work))
+
+
+# ---- stdin keep-alive: one implementation for pipes and terminals -------------------------------------
+def test_stdin_fifo_holds_eof_back_until_closeio(tmp_path):
+    from shim.task.io import StdinFifo
+
+    path = tmp_path / "stdin"
+    os.mkfifo(path)
+    fifo = StdinFifo(f"fifo://{path}")
+    reader = fifo.take_reader()
+    try:
+        w = os.open(path, os.O_WRONLY | os.O_NONBLOCK)   # containerd's writer comes ...
+        os.write(w, b"x")
+        os.close(w)                                      # ... and goes: no EOF, our writer holds the fifo
+        assert os.read(reader, 10) == b"x"
+        with pytest.raises(BlockingIOError):
+            os.read(reader, 10)
+        fifo.close_keepalive()                           # CloseIO
+        assert os.read(reader, 10) == b""                # EOF
+        with pytest.raises(ValueError, match="taken already"):
+            fifo.take_reader()
+    finally:
+        os.close(reader)
+        fifo.close()
+
+
+def test_stdin_fifo_that_cannot_be_opened_is_an_io_setup_error(tmp_path):
+    from shim.task.io import IOSetupError, StdinFifo
+
+    with pytest.raises(IOSetupError, match=r"open stdin fifo .*/missing: No such file"):
+        StdinFifo(str(tmp_path / "missing"))
+
+
+def test_console_keeps_stdin_open_until_closeio(tmp_path):
+    from shim.task.console import Console
+
+    async def scenario():
+        path = tmp_path / "stdin"
+        os.mkfifo(path)
+        master, slave = os.openpty()
+        console = Console(master, StdioPaths(stdin=str(path), terminal=True), "p1")
+        console.start()
+        try:
+            w = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(w, b"hi\n")
+            os.close(w)
+            await asyncio.sleep(0.1)
+            assert os.read(slave, 100) == b"hi\n"              # reached the terminal
+            assert not console._stdin_pump.done.done()        # containerd's writer left: no EOF yet
+            console.close_stdin()
+            await asyncio.wait_for(asyncio.shield(console._stdin_pump.done), 5)   # CloseIO: EOF
+        finally:
+            await console.close()
+            os.close(slave)
+
+    asyncio.run(scenario())

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from shim import bundle, wire
 from shim.binary import manager
-from shim import wire
 
 
 def test_socket_address_matches_containerds_naming():
@@ -96,7 +96,7 @@ def test_delete_action_without_a_shim(tmp_path, capsysbinary):
     from shim.binary.cli import Flags
 
     (tmp_path / "init.pid").write_text("4242")
-    (tmp_path / manager.DELETED_MARK).write_text("")
+    (tmp_path / bundle.DELETED_MARK).write_text("")   # the daemon deleted it cleanly
     rc = manager.delete(Flags(namespace="ns", id="gone", bundle=str(tmp_path)))
     assert rc == 0
     resp = shim_pb2.DeleteResponse.FromString(capsysbinary.readouterr().out)
