@@ -30,8 +30,8 @@ from shim.task.console import Console, ConsoleSocket
 from shim.task.io import IOSetupError, ProcessIO, StdioPaths
 from shim.task.process import ExecProcess, InitProcess, Op, Process, State
 from shim.runtime.reaper import Reaper
-from shim.runtime.runc import (RUNC_ROOT, Runc, RuntimeChoice, RuntimeCommandError, RuntimeSelectionError,
-                          read_pid_file, select_runtime)
+from shim.runtime.runc import RUNC_ROOT, Runc, RuntimeCommandError, read_pid_file
+from shim.runtime.select import RuntimeChoice, RuntimeSelectionError, select_runtime
 
 log = logging.getLogger("kybernate.shim")
 
@@ -135,7 +135,7 @@ class Container:
         except NodeConfigError as exc:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"create container {cid}: {exc}") from exc
         try:
-            choice = select_runtime(spec, options.binary_name, container_id=cid)
+            choice = select_runtime(spec, node, options.binary_name, container_id=cid, namespace=namespace)
         except RuntimeSelectionError as exc:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"create container {cid}: {exc}") from exc
         log.info("container %s: OCI runtime %s (%s)", cid, choice.binary, choice.reason)
