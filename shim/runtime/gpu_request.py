@@ -61,6 +61,7 @@ NVIDIA_MAJOR = 195
 NVIDIA_CONTROL_MINORS = frozenset({254, 255})  # nvidia-modeset, nvidiactl
 NO_GPU_VALUES = frozenset({"", "void", "none"})
 MIG_CAPS_DIR = "/dev/nvidia-caps/"
+MAX_DESCRIBED_CHARS = 200
 MIG_NODE_WIDE_CAPS = frozenset({1, 2})  # nvidia-cap1 = mig/config, nvidia-cap2 = mig/monitor (fixed by the driver)
 _GPU_PATH = re.compile(r"^/dev/nvidia(\d+)$")
 _CAP_PATH = re.compile(r"^/dev/nvidia-caps/nvidia-cap(\d+)$")
@@ -115,12 +116,17 @@ class GpuRequest:
         return f"env {VISIBLE_ENV}={self.value}"
 
     def describe(self) -> str:
-        """One phrase for logs and errors: ``linux.devices /dev/nvidia0, /dev/nvidiactl``."""
+        """One phrase for logs and errors: ``linux.devices /dev/nvidia0, /dev/nvidiactl``. Values are
+        cut at MAX_DESCRIBED_CHARS: they may come from a pod."""
         if self.origin is Origin.SPEC_DEVICES:
-            return f"linux.devices {', '.join(self.devices)}"
+            return f"linux.devices {_cut(', '.join(self.devices))}"
         if self.origin is Origin.CDI_ANNOTATION:
-            return f"CDI annotation {self.key}={self.value}"
-        return f"{VISIBLE_ENV}={self.value}"
+            return f"CDI annotation {_cut(self.key)}={_cut(self.value)}"
+        return f"{VISIBLE_ENV}={_cut(self.value)}"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_DESCRIBED_CHARS else text[:MAX_DESCRIBED_CHARS] + "..."
 
 
 def _token(text: str) -> tuple[str, str]:

@@ -145,6 +145,13 @@ def test_nvidia_visible_devices(value, items):
     assert req.gpus == bool(items) and req.value == value
 
 
+def test_long_values_are_cut_in_descriptions_not_in_the_request():
+    value = ",".join(str(i) for i in range(500))
+    req = gpu_request(env_spec(value))
+    assert req.value == value and len(req.items) == 500
+    assert req.describe() == f"NVIDIA_VISIBLE_DEVICES={value[:gr.MAX_DESCRIBED_CHARS]}..."
+
+
 def test_the_first_visible_devices_entry_counts():
     """What getenv() in the container returns."""
     assert gpu_request(env_spec("1", "NVIDIA_VISIBLE_DEVICES=all")).items == (("index", "1"),)
