@@ -10,9 +10,10 @@ What counts for what:
                   pauses a task around a checkpoint).
   GPU checkpoint: CPU ready, plus libcuda with the driver checkpoint API (cuCheckpointProcess*, driver
                   API 12.8+). The shim checkpoints CUDA state itself before CRIU runs, so CRIU's
-                  cuda_plugin.so is reported but not required. nvidia-container-runtime is what gives
-                  containers their GPUs: its absence is a warning (a bundle that already carries the
-                  /dev/nvidia* devices and driver mounts runs with BinaryName or KYBERNATE_RUNTIME).
+                  cuda_plugin.so is reported but not required. nvidia-container-runtime is needed only
+                  where the node config names it ([gpu] nvidia_runtime: the device plugin's env mode, CDI
+                  annotations containerd does not apply): its absence is a warning. A container whose
+                  spec already carries its /dev/nvidia* devices (CDI) runs with plain runc.
   containerd:     containerd found, our runtime declared in its config.toml (for Kubernetes), the shim
                   binary on containerd's PATH. Not needed for a checkpoint as such, so not in the exit code.
 """
@@ -228,9 +229,9 @@ def check_nvidia_runtime(env: DoctorEnv) -> Check:
     path = env.which("nvidia-container-runtime")
     if not path:
         return Check("nvidia-container-runtime", WARN,
-                     "not installed: GPU bundles need their devices and driver mounts in the spec already, "
-                     "and runtime options BinaryName (or KYBERNATE_RUNTIME) naming runc",
-                     "install the NVIDIA Container Toolkit (nvidia-container-toolkit)")
+                     "not installed: GPU containers need their devices in the spec already (CDI), which "
+                     "plain runc runs; the device plugin's env mode ([gpu] nvidia_runtime) needs it",
+                     "use CDI, or install the NVIDIA Container Toolkit (docs/operators.md section 6)")
     return Check("nvidia-container-runtime", PASS, path)
 
 

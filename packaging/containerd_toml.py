@@ -84,7 +84,7 @@ def parse_toml(text: str, source: str) -> dict:
 class RuntimeSettings:
     """What goes into our runtime entry."""
 
-    binary_name: str = ""          # OCI runtime; empty: the shim picks runc or nvidia-container-runtime
+    binary_name: str = ""          # OCI runtime; empty: the shim picks (runc, or the node config's nvidia_runtime)
     systemd_cgroup: bool = False
     annotations: tuple[str, ...] = ANNOTATIONS
     extra_options: tuple[tuple[str, Any], ...] = ()   # further runc-style options, e.g. CriuImagePath

@@ -540,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--containerd-version", default="auto",
                    help="auto (from `containerd --version`), or e.g. 1.7 or 2.1")
     p.add_argument("--runtime-binary", default="",
-                   help="BinaryName: the OCI runtime the shim runs (default empty: runc, or "
-                        "nvidia-container-runtime for containers that ask for GPUs)")
+                   help="BinaryName: the OCI runtime the shim runs (default empty: runc, or the "
+                        "nvidia_runtime of /etc/kybernate/config.toml for GPUs that need injecting)")
     p.add_argument("--systemd-cgroup", type=_bool_arg, default=None, metavar="true|false|auto",
                    help="SystemdCgroup (default auto: as the config's runc runtime, else false)")
     p.add_argument("--runtime-option", type=_extra_option, action="append", default=[], metavar="KEY=VALUE",

@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from shim.gpu.placement import Placement
 
 log = logging.getLogger("kybernate.shim")
+_FROM_SPEC = object()  # ContainerGpu.request: parse the spec (tests, and callers without a selection)
 
 
 class ContainerGpu:
@@ -62,8 +63,10 @@ class ContainerGpu:
 
     def __init__(self, container_id: str, spec: Mapping, list_pids: Callable[[], list[int]],
                  driver_loader: Optional[Callable[[], "CudaDriver"]] = None, proc: Path = PROC,
-                 gpus_dir: Path = NVIDIA_GPUS, version_file: Path = NVIDIA_VERSION):
+                 gpus_dir: Path = NVIDIA_GPUS, version_file: Path = NVIDIA_VERSION, request=None):
         self.id = container_id
+        # the GPUs the runtime selection granted (None: none); by default what the spec names
+        self.request = _FROM_SPEC if request is None else request
         self.spec = spec
         self._list_pids = list_pids
         self._load = driver_loader or shared_loader()
@@ -245,7 +248,8 @@ class ContainerGpu:
                              f"process(es) ({RECORD_NAME}) "
                              f"but the shim cannot use the CUDA driver here: {exc}") from exc
         host = await asyncio.to_thread(gpu_placement.host_gpus, driver, self.gpus_dir, self.version_file)
-        placement = gpu_placement.decide(self.id, record, gpu_placement.gpu_request(self.spec), host,
+        request = gpu_placement.gpu_request(self.spec) if self.request is _FROM_SPEC else self.request
+        placement = gpu_placement.decide(self.id, record, request, host,
                                          settings.gpu_map)
         log.info("container %s: GPU placement at restore: %s", self.id, placement.summary())
         self.placement = placement
@@ -318,10 +322,13 @@ class GpuLayer:
     name = "gpu"
 
     def __init__(self, inner: LifecycleLayer, task_id: str, spec: Mapping, *, libcuda: str = "",
-                 gpu: Optional["ContainerGpu"] = None, list_pids: Optional[Callable[[], list[int]]] = None):
+                 gpu: Optional["ContainerGpu"] = None, list_pids: Optional[Callable[[], list[int]]] = None,
+                 granted=_FROM_SPEC):
         self.inner = inner
         self._task_pids: Optional[Callable[[], list[int]]] = list_pids
         self.gpu = gpu or ContainerGpu(task_id, spec, self._pids, driver_loader=shared_loader(libcuda))
+        if gpu is None:
+            self.gpu.request = granted  # what the runtime selection granted, not what the spec claims
         self.gpu.settings()  # refuses a malformed annotation now, at Create
         self._task: Optional[TaskHandle] = None
         self._was_paused = False
@@ -530,13 +537,15 @@ async def _roll_back(task: TaskHandle, gpu: "ContainerGpu", suspension: Suspensi
 
 
 def stack(inner: LifecycleLayer, task_id: str, spec: Mapping, *, has_gpus: bool, restore_image: str = "",
-          libcuda: str = "", node_has_driver: Optional[bool] = None) -> LifecycleLayer:
+          libcuda: str = "", node_has_driver: Optional[bool] = None, granted=_FROM_SPEC) -> LifecycleLayer:
     """The container's layers, chosen once at Create: the GPU layer on top of `inner` when the
     container has GPUs (its spec, as the runtime selection read it), restores an image with a GPU
     record, or the node has a CUDA driver (a process may still map it: the layer then costs one read
-    of /proc/PID/maps per process and operation); else `inner` alone."""
+    of /proc/PID/maps per process and operation); else `inner` alone. `granted`: the GPU request the
+    runtime selection granted (None: no GPUs); placement at restore uses it, never an env value the
+    node did not accept."""
     if node_has_driver is None:
         node_has_driver = bool(libcuda) or NVIDIA_VERSION.exists()
     if has_gpus or node_has_driver or (restore_image and has_record(restore_image)):
-        return GpuLayer(inner, task_id, spec, libcuda=libcuda)
+        return GpuLayer(inner, task_id, spec, libcuda=libcuda, granted=granted)
     return inner

@@ -3,7 +3,8 @@
 The GPUs of a restored container come from the new container's spec, not from the image: the
 device nodes in ``linux.devices`` (/dev/nvidiaN, by their minor number), a CDI annotation
 (``cdi.k8s.io/*: nvidia.com/gpu=N|UUID|all``), or ``NVIDIA_VISIBLE_DEVICES`` in the process env
-(indices, GPU-UUIDs, ``all``), first found in that order. The checkpointed GPUs come from
+(indices, GPU-UUIDs, ``all``), first found in that order (`shim.runtime.gpu_request`, the parser the
+runtime choice uses too). The checkpointed GPUs come from
 ``kybernate-gpu.json`` (written by shim.gpu.lifecycle at checkpoint). The old GPUs are paired with the new ones
 in order, and the restore is:
 
@@ -34,14 +35,11 @@ from typing import Mapping, Optional, Sequence
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
+from shim.runtime.gpu_request import GpuRequest, gpu_request
+
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 NVIDIA_VERSION = Path("/proc/driver/nvidia/version")
-NVIDIA_MAJOR = 195
-NVIDIA_CONTROL_MINORS = frozenset({254, 255})  # nvidia-modeset, nvidiactl
-VISIBLE_ENV = "NVIDIA_VISIBLE_DEVICES"
-CDI_PREFIX = "cdi.k8s.io/"
 GPU_REMAP_API_VERSION = 13000  # = cuda_bindings.errors.GPU_REMAP_API_VERSION (not imported: no cffi here)
-_DEVICE_PATH = re.compile(r"^/dev/nvidia(\d+)$")
 _RELEASE = re.compile(r"Kernel Module.*?\s(\d+\.\d+(?:\.\d+)?)(?:\s|$)")
 
 
@@ -161,84 +159,7 @@ def host_gpus(driver=None, gpus_dir: Path = NVIDIA_GPUS, version_file: Path = NV
     return HostGpus(gpus, driver_release(version_file), api, source)
 
 
-# ---- the GPUs a spec asks for ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class GpuRequest:
-    """What one spec names: ("minor"|"index"|"uuid"|"all"|"mig", value) items, in the spec's order.
-    No items: the spec explicitly gives no GPU (NVIDIA_VISIBLE_DEVICES=void/none)."""
-
-    source: str
-    items: tuple[tuple[str, str], ...]
-
-
-def _token(text: str) -> tuple[str, str]:
-    t = text.strip()
-    if t.lower() == "all":
-        return ("all", t)
-    if t.upper().startswith("MIG-") or ":" in t:
-        return ("mig", t)
-    if t.isdigit():
-        return ("index", t)
-    return ("uuid", t)
-
-
-def _cdi_gpus(value: str) -> list[tuple[str, str]]:
-    """'nvidia.com/gpu=0,nvidia.com/gpu=GPU-...' (a CDI annotation's value) -> tokens of NVIDIA GPUs."""
-    out = []
-    for name in str(value).split(","):
-        kind, sep, dev = name.strip().partition("=")
-        if not sep:
-            continue
-        vendor, _, cls = kind.partition("/")
-        if vendor.endswith("nvidia.com") and cls in ("gpu", "mig"):
-            out.append(("mig", dev) if cls == "mig" else _token(dev))
-    return out
-
-
-def gpu_request(spec: Mapping) -> Optional[GpuRequest]:
-    """The GPUs the spec gives the container, or None where it names none (no GPU device, no CDI
-    annotation for nvidia.com/gpu, no NVIDIA_VISIBLE_DEVICES)."""
-    if not isinstance(spec, Mapping):
-        return None
-    linux = spec.get("linux")
-    devices = linux.get("devices") if isinstance(linux, Mapping) else None
-    minors = []
-    for dev in devices if isinstance(devices, list) else []:
-        if not isinstance(dev, Mapping):
-            continue
-        path = str(dev.get("path") or "")
-        major, minor = dev.get("major"), dev.get("minor")
-        if isinstance(major, int) and isinstance(minor, int):
-            if major == NVIDIA_MAJOR and minor not in NVIDIA_CONTROL_MINORS:  # by number: any path counts
-                minors.append(("minor", str(minor)))
-            continue
-        m = _DEVICE_PATH.match(path)
-        if m:
-            minors.append(("minor", m.group(1)))
-    if minors:
-        return GpuRequest("linux.devices", tuple(minors))
-    annotations = spec.get("annotations")
-    if isinstance(annotations, Mapping):
-        for key, value in annotations.items():
-            if isinstance(key, str) and key.startswith(CDI_PREFIX):
-                found = _cdi_gpus(value)
-                if found:
-                    return GpuRequest(f"annotation {key}", tuple(found))
-    process = spec.get("process")
-    env = process.get("env") if isinstance(process, Mapping) else None
-    for item in env if isinstance(env, list) else []:
-        if isinstance(item, str) and item.startswith(VISIBLE_ENV + "="):
-            value = item.split("=", 1)[1].strip()
-            if value.lower() in ("", "void", "none"):
-                return GpuRequest(f"env {VISIBLE_ENV}={value}", ())
-            tokens = []
-            for part in value.split(","):
-                if not part.strip():
-                    continue
-                kind, sep, dev = part.strip().partition("=")  # CDI names in the env (cdi-envvar mode)
-                tokens += _cdi_gpus(part) if sep and "/" in kind else [_token(part)]
-            return GpuRequest(f"env {VISIBLE_ENV}={value}", tuple(tokens))
-    return None
+# ---- the GPUs a spec asks for: shim.runtime.gpu_request (GpuRequest, gpu_request) ---------------------
 
 
 def resolve(request: GpuRequest, host: HostGpus) -> list[str]:

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from shim.gpu.placement import NVIDIA_CONTROL_MINORS, NVIDIA_GPUS, NVIDIA_MAJOR, read_proc_gpus
+from shim.gpu.placement import NVIDIA_GPUS, read_proc_gpus
+from shim.runtime.gpu_request import NVIDIA_CONTROL_MINORS, NVIDIA_MAJOR
 
 PROC = Path("/proc")
 LIBCUDA_NAME = b"libcuda.so"

@@ -1,4 +1,5 @@
-"""The OCI runtime: which binary runs a container (`select_runtime`) and its CLI (`Runc`).
+"""The OCI runtime's command line (`Runc`: runc, and runc-compatible runtimes such as
+nvidia-container-runtime). Which binary a container gets is `shim.runtime.select`'s question.
 
 Every runtime command is spawned with ``posix_spawn`` and its exit is awaited through the shim's
 `Reaper` (registered right after the spawn, in the event loop thread, so the SIGCHLD handler cannot
@@ -10,92 +11,15 @@ import asyncio
 import errno
 import json
 import os
-import shutil
 import signal
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from shim.bundle import RUNC_ROOT
 from shim.runtime.reaper import Reaper
+from shim.runtime.select import DEFAULT_BINARY
 
-DEFAULT_BINARY = "runc"
-NVIDIA_RUNTIME = "nvidia-container-runtime"
 DEFAULT_DEADLINE_S = 120.0  # any runc command but checkpoint/restore (those: node config, criu.*_timeout_s)
-
-
-class RuntimeSelectionError(Exception):
-    """No usable OCI runtime for this bundle (the Task service answers FailedPrecondition)."""
-
-
-@dataclass(frozen=True)
-class RuntimeChoice:
-    binary: str  # absolute path when found on PATH, else as given
-    reason: str
-    gpu: bool = False
-
-
-def gpu_request(spec: Mapping) -> str | None:
-    """Why this bundle wants NVIDIA GPUs (a sentence), or None."""
-    process = spec.get("process") if isinstance(spec, Mapping) else None
-    env = process.get("env") if isinstance(process, Mapping) else None
-    if isinstance(env, list):
-        for item in env:
-            if isinstance(item, str) and item.startswith("NVIDIA_VISIBLE_DEVICES="):
-                value = item.split("=", 1)[1].strip()
-                if value and value.lower() not in ("void", "none"):
-                    return f"process env NVIDIA_VISIBLE_DEVICES={value}"
-    annotations = spec.get("annotations") if isinstance(spec, Mapping) else None
-    if isinstance(annotations, Mapping):
-        for key, value in annotations.items():
-            if isinstance(key, str) and key.startswith("cdi.k8s.io/") and isinstance(value, str) \
-                    and "nvidia.com/gpu" in value:
-                return f"CDI annotation {key}={value}"
-    linux = spec.get("linux") if isinstance(spec, Mapping) else None
-    devices = linux.get("devices") if isinstance(linux, Mapping) else None
-    if isinstance(devices, list):
-        for dev in devices:
-            path = dev.get("path") if isinstance(dev, Mapping) else None
-            if isinstance(path, str) and path.startswith("/dev/nvidia"):
-                return f"device {path} in linux.devices"
-    return None
-
-
-def select_runtime(spec: Mapping, binary_name: str = "", env: Mapping[str, str] | None = None,
-                   which=shutil.which, container_id: str = "") -> RuntimeChoice:
-    """Pick the OCI runtime binary for a bundle.
-
-    Order: the runtime options' BinaryName; env KYBERNATE_RUNTIME; nvidia-container-runtime for a
-    bundle that asks for NVIDIA GPUs (refused when it is not installed, since plain runc would start
-    the container without its GPUs); else runc.
-    """
-    env = os.environ if env is None else env
-    gpu = gpu_request(spec)
-    name = f"container {container_id}" if container_id else "container"
-    if binary_name:
-        return RuntimeChoice(_resolve(binary_name, which, name, "BinaryName in the runtime options"),
-                             f"runtime options name BinaryName={binary_name}", gpu is not None)
-    explicit = env.get("KYBERNATE_RUNTIME", "")
-    if explicit:
-        return RuntimeChoice(_resolve(explicit, which, name, "KYBERNATE_RUNTIME"),
-                             f"KYBERNATE_RUNTIME={explicit}", gpu is not None)
-    if gpu is not None:
-        found = which(NVIDIA_RUNTIME)
-        if not found:
-            raise RuntimeSelectionError(
-                f"{name} requests NVIDIA GPUs ({gpu}) but {NVIDIA_RUNTIME} is not installed: install the "
-                f"NVIDIA container toolkit or name a runtime binary (BinaryName in the runtime options)")
-        return RuntimeChoice(found, f"GPU bundle ({gpu}): {NVIDIA_RUNTIME}", True)
-    found = which(DEFAULT_BINARY)
-    if not found:
-        raise RuntimeSelectionError(f"{name}: OCI runtime {DEFAULT_BINARY} not found in PATH")
-    return RuntimeChoice(found, "default: runc (no GPU request, no explicit runtime)", False)
-
-
-def _resolve(binary: str, which, name: str, source: str) -> str:
-    found = which(binary)
-    if not found:
-        raise RuntimeSelectionError(f"{name}: OCI runtime binary {binary!r} ({source}) not found or not executable")
-    return found
 
 
 class RuntimeCommandError(Exception):

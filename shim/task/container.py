@@ -32,8 +32,8 @@ from shim.task.console import Console, ConsoleSocket
 from shim.task.io import IOSetupError, ProcessIO, StdioPaths
 from shim.task.process import ExecProcess, InitProcess, Op, Process, State
 from shim.runtime.reaper import Reaper
-from shim.runtime.runc import (RUNC_ROOT, Runc, RuntimeChoice, RuntimeCommandError, RuntimeSelectionError,
-                          read_pid_file, select_runtime)
+from shim.runtime.runc import RUNC_ROOT, Runc, RuntimeCommandError, read_pid_file
+from shim.runtime.select import RuntimeChoice, RuntimeSelectionError, select_runtime
 
 log = logging.getLogger("kybernate.shim")
 
@@ -134,7 +134,7 @@ class Container:
         except NodeConfigError as exc:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"create container {cid}: {exc}") from exc
         try:
-            choice = select_runtime(spec, options.binary_name, container_id=cid)
+            choice = select_runtime(spec, node, options.binary_name, container_id=cid, namespace=namespace)
         except RuntimeSelectionError as exc:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"create container {cid}: {exc}") from exc
         log.info("container %s: OCI runtime %s (%s)", cid, choice.binary, choice.reason)
@@ -149,7 +149,7 @@ class Container:
         settings, restore_image = seam.prepare_create(req, spec, options, bundle)
         # the layer stack, once: a malformed GPU annotation refuses the Create here
         layer = gpu_lifecycle.stack(PlainLayer(), cid, spec, has_gpus=choice.gpu, restore_image=restore_image,
-                                    libcuda=node.libcuda)
+                                    libcuda=node.libcuda, granted=choice.request)
         log.info("container %s: lifecycle layers: %s", cid, describe_layers(layer))
 
         rootfs = ""

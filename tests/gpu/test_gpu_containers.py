@@ -5,9 +5,9 @@ workload image (tests/gpu/device-setup.sh prepares all of it on the GPU machine)
 
 Each container is set up as nvidia-container-runtime would: the /dev/nvidia* devices, the driver's
 library dir bind-mounted read-only at the same path and put on LD_LIBRARY_PATH, host network.
-Runtime choice: our shim refuses a bundle that asks for NVIDIA devices when nvidia-container-runtime
-is missing, unless told which runtime binary to use. ctr sends runc Options (BinaryName) only to runc
-runtimes, so containerd, and the shims it starts, get KYBERNATE_RUNTIME=runc in their environment.
+Runtime choice: the spec carries its /dev/nvidia* devices (as CDI leaves them), so the shim runs it
+with plain runc by itself, without nvidia-container-runtime and without KYBERNATE_RUNTIME (issue 13);
+test 1 checks the choice in the shim's log.
 containerd also gets XDG_RUNTIME_DIR=/dev/shm: that is where it makes the scratch directory a non-runc
 runtime checkpoints into (before packing it into its content store), so CRIU writes to memory.
 
@@ -224,7 +224,7 @@ def env(tmp_path_factory, results):
         ld_path = libdir
     workdir = tmp_path_factory.mktemp("gpu-containers")
     cd = Containerd("1.6", workdir)
-    cd.env.update(KYBERNATE_RUNTIME="runc", XDG_RUNTIME_DIR=str(SCRATCH), KYBERNATE_LIBCUDA=libcuda)
+    cd.env.update(XDG_RUNTIME_DIR=str(SCRATCH), KYBERNATE_LIBCUDA=libcuda)
     devices = [d for d in DEVICES if os.path.exists(d)]
     criu = shutil.which("criu", path=cd.env["PATH"]) or "criu"
     workload = os.environ.get("KYB_GPU_WORKLOAD", "")
@@ -407,6 +407,8 @@ def grpc_checkpoint(env: GpuEnv, cid: str, image_dir: Path, exit: bool, timeout:
 # ---- (1) checkpoint, leave running -------------------------------------------------------------------------------
 def test_1_ctr_task_checkpoint_leaves_the_workload_running(env, results):
     c = GpuContainer(env, "ck-leave", 2 * GiB).start()
+    chosen = [line for line in env.cd.log_text().splitlines() if f"container {c.id}: OCI runtime " in line]
+    assert chosen and "GPU device nodes are already in the spec" in chosen[0], chosen
     before = ticks(c)
     pid = c.cuda_pids()[0]
     out, seconds = timed(c.ctr, "tasks", "checkpoint", c.id, timeout=240)

@@ -700,20 +700,52 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(shutil.which("nvidia-container-runtime") is not None, reason="the NVIDIA runtime is installed")
-def test_gpu_bundle_without_nvidia_runtime_is_refused(shim):
-    bundle = shim.bundle("gpu", ["true"], env=["NVIDIA_VISIBLE_DEVICES=all"])
-    err = shim.error("Create", api.CreateTaskRequest(id="gpu", bundle=str(bundle)))
-    assert_error(err, Code.FAILED_PRECONDITION, "gpu", "nvidia-container-runtime", "NVIDIA_VISIBLE_DEVICES=all")
-    # naming a runtime binary in the options overrides the refusal
-    from proto.containerd.runc.v1 import options_pb2
-
-    shim.created.append("gpu")
-    opts = pack(options_pb2.Options(binary_name=RUNC))
-    created = shim.call("Create", api.CreateTaskRequest(id="gpu", bundle=str(bundle), options=opts))
+def test_env_only_gpu_request_runs_as_a_cpu_container_with_runc(shim):
+    """NVIDIA_VISIBLE_DEVICES from the image or pod alone grants nothing (the node config does not
+    accept it by default): runc runs the container, without GPUs, whether or not
+    nvidia-container-runtime is installed."""
+    bundle = shim.bundle("gpuenv", ["sh", "-c", "test \"$NVIDIA_VISIBLE_DEVICES\" = all && ! ls /dev/nvidia*"],
+                         env=["NVIDIA_VISIBLE_DEVICES=all"])
+    shim.created.append("gpuenv")
+    created = shim.call("Create", api.CreateTaskRequest(id="gpuenv", bundle=str(bundle)))
     assert created.pid > 0
     state = json.loads((bundle / "kybernate.json").read_text())
+    assert state["binary"] == RUNC, state
+    assert "NVIDIA_VISIBLE_DEVICES=all ignored" in state["reason"], state
+    shim.call("Start", api.StartRequest(id="gpuenv"))
+    assert shim.call("Wait", api.WaitRequest(id="gpuenv")).exit_status == 0
+    # naming a runtime binary in the options still wins
+    from proto.containerd.runc.v1 import options_pb2
+
+    other = shim.bundle("gpuenv2", ["true"], env=["NVIDIA_VISIBLE_DEVICES=all"])
+    shim.created.append("gpuenv2")
+    opts = pack(options_pb2.Options(binary_name=RUNC))
+    assert shim.call("Create", api.CreateTaskRequest(id="gpuenv2", bundle=str(other), options=opts)).pid > 0
+    state = json.loads((other / "kybernate.json").read_text())
     assert state["binary"] == RUNC and "BinaryName" in state["reason"]
+
+
+def test_gpu_devices_in_the_spec_run_with_plain_runc(shim):
+    """The CDI case: containerd already put the /dev/nvidia* nodes into the spec, so nothing needs
+    injecting and runc runs it, with no nvidia-container-runtime (none exists here) and no
+    KYBERNATE_RUNTIME. The nodes are NVIDIA's numbers (195:0, 195:255); no driver answers them here,
+    which runc does not mind: it only creates them."""
+    assert "KYBERNATE_RUNTIME" not in os.environ
+    bundle = shim.bundle("cdi", ["sh", "-c", "test -c /dev/nvidia0 && test -c /dev/nvidiactl"])
+    spec = json.loads((bundle / "config.json").read_text())
+    for path, minor in (("/dev/nvidia0", 0), ("/dev/nvidiactl", 255)):
+        spec["linux"].setdefault("devices", []).append(
+            {"path": path, "type": "c", "major": 195, "minor": minor, "fileMode": 0o666, "uid": 0, "gid": 0})
+        spec["linux"]["resources"]["devices"].append(
+            {"allow": True, "type": "c", "major": 195, "minor": minor, "access": "rwm"})
+    (bundle / "config.json").write_text(json.dumps(spec))
+    shim.created.append("cdi")
+    assert shim.call("Create", api.CreateTaskRequest(id="cdi", bundle=str(bundle))).pid > 0
+    state = json.loads((bundle / "kybernate.json").read_text())
+    assert state["binary"] == RUNC, state
+    assert "GPU device nodes are already in the spec" in state["reason"] and "/dev/nvidia0" in state["reason"]
+    shim.call("Start", api.StartRequest(id="cdi"))
+    assert shim.call("Wait", api.WaitRequest(id="cdi")).exit_status == 0
 
 
 def test_cri_style_toml_options_reach_the_runtime(shim, tmp_path):

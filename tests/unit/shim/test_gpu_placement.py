@@ -1,9 +1,10 @@
 """GPU placement at restore (shim.gpu.placement) and containers on two GPUs, with the stand-in libcuda.
 
 - The new container's spec names its GPUs in three forms (linux.devices /dev/nvidiaN, a CDI annotation,
-  NVIDIA_VISIBLE_DEVICES); they are resolved to UUIDs of this node, paired in order with the GPUs the
-  checkpoint recorded, and the restore is identity, remap (a gpu_map for the driver) or refused with
-  FailedPrecondition before ``runc restore``.
+  NVIDIA_VISIBLE_DEVICES; parsed by shim.runtime.gpu_request, tested in test_gpu_request.py); they are
+  resolved to UUIDs of this node, paired in order with the GPUs the checkpoint recorded, and the
+  restore is identity, remap (a gpu_map for the driver) or refused with FailedPrecondition before
+  ``runc restore``.
 - Two GPUs x two CUDA processes: suspended and resumed in parallel, each process's GPUs recorded, the
   rollback as for one GPU; restored in place (identity) and onto two other GPUs (remap: the stand-in
   checks that every checkpointed GPU is in the pairs and moves the process).
@@ -91,56 +92,7 @@ def env_spec(value: str) -> dict:
     return {"process": {"env": ["PATH=/bin", f"NVIDIA_VISIBLE_DEVICES={value}"]}}
 
 
-# ---- the three forms a spec names GPUs in ------------------------------------------------------------
-def test_linux_devices_by_minor_number_only_gpus():
-    spec = devices_spec(3, 1)
-    spec["linux"]["devices"].insert(0, {"path": "/dev/nvidia-modeset", "type": "c", "major": 195, "minor": 254})
-    spec["linux"]["devices"].append({"path": "/dev/gpu0", "type": "c", "major": 195, "minor": 0})  # any name
-    spec["linux"]["devices"].append({"path": "/dev/nvidia-caps/nvidia-cap1", "type": "c", "major": 508, "minor": 1})
-    req = gp.gpu_request(spec)
-    assert req.source == "linux.devices" and req.items == (("minor", "3"), ("minor", "1"), ("minor", "0"))
-    # a node renamed inside the container counts by its device number; a path alone by its digits
-    req = gp.gpu_request({"linux": {"devices": [{"path": "/dev/nvidia0", "major": 195, "minor": 2},
-                                                {"path": "/dev/nvidia5"}]}})
-    assert req.items == (("minor", "2"), ("minor", "5"))
-
-
-@pytest.mark.parametrize("value, items", [
-    ("nvidia.com/gpu=0", (("index", "0"),)),
-    ("nvidia.com/gpu=1,nvidia.com/gpu=GPU-ABC", (("index", "1"), ("uuid", "GPU-ABC"))),
-    ("k8s.device-plugin.nvidia.com/gpu=GPU-abc", (("uuid", "GPU-abc"),)),
-    ("nvidia.com/gpu=all", (("all", "all"),)),
-    ("nvidia.com/mig=0:1", (("mig", "0:1"),)),
-])
-def test_cdi_annotation(value, items):
-    req = gp.gpu_request({"annotations": {"other": "x", "cdi.k8s.io/vendor": "example.com/net=eth0",
-                                          "cdi.k8s.io/gpus": value}})
-    assert req.source == "annotation cdi.k8s.io/gpus" and req.items == items
-
-
-@pytest.mark.parametrize("value, items", [
-    ("0,2", (("index", "0"), ("index", "2"))),
-    ("GPU-aa, GPU-bb", (("uuid", "GPU-aa"), ("uuid", "GPU-bb"))),
-    ("all", (("all", "all"),)),
-    ("void", ()),
-    ("none", ()),
-    ("nvidia.com/gpu=1", (("index", "1"),)),
-    ("MIG-1234", (("mig", "MIG-1234"),)),
-])
-def test_nvidia_visible_devices(value, items):
-    req = gp.gpu_request(env_spec(value))
-    assert req.source == f"env NVIDIA_VISIBLE_DEVICES={value}" and req.items == items
-
-
-def test_no_gpu_named_and_the_order_of_the_forms():
-    assert gp.gpu_request({}) is None
-    assert gp.gpu_request({"process": {"env": ["A=1"]}, "linux": {"devices": []}}) is None
-    both = {**env_spec("0,1"), **devices_spec(1), "annotations": {"cdi.k8s.io/x": "nvidia.com/gpu=0"}}
-    assert gp.gpu_request(both).source == "linux.devices"  # the device nodes the container really gets
-    del both["linux"]
-    assert gp.gpu_request(both).source == "annotation cdi.k8s.io/x"
-
-
+# ---- the GPUs a spec names: tests/unit/shim/test_gpu_request.py (shim.runtime.gpu_request) -------------
 def test_resolve_indices_are_pci_order_and_minors_come_from_proc(tmp_path):
     # PCI order 01 < 41 < 81 gives indices 0, 1, 2; the driver numbered the minors differently
     gpus = write_gpus(tmp_path / "gpus", [("0000:81:00.0", 0, uuid(0x81), H100), ("0000:01:00.0", 2, uuid(1), H100),
