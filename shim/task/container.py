@@ -3,10 +3,10 @@
 The Task service finds a Container and calls one method per RPC; each method finds the process and
 hands the operation to its current state (`shim.task.process`), which refuses it or calls back here
 for the runtime work (`shim.runtime.runc.Runc`; the methods under "mechanics", `ContainerOps`) and
-moves the process on. Checkpoint and restore go through `shim.checkpoint.seam`; pause, resume, checkpoint and restore
-call the container's layer stack (`shim.checkpoint.layer`: the plain CRIU path, with the GPU layer
-on top for a container that has GPUs), chosen once at Create. The seam and the layers get a
-`TaskHandle`, never the container.
+moves the process on. Checkpoint and restore go through `shim.checkpoint.seam`; pause, resume,
+checkpoint and restore call the container's layer stack (`shim.checkpoint.layer`: the plain CRIU path,
+with the GPU layer on top for a container that has GPUs), chosen once at Create. The seam and the
+layers get a `TaskHandle`, never the container.
 """
 from __future__ import annotations
 

@@ -192,8 +192,9 @@ class ProcessState:
         try:
             await work()
         except BaseException:
-            if starting.held_exit is not None:
-                log.debug("%s: exit during a failed start: %s", self.process.subject, starting.held_exit)
+            if starting.held_exit is not None:  # as before the states: Delete reports the exit
+                log.info("%s: exited (status %d) while its start failed", self.process.subject,
+                         starting.held_exit.status)
             starting.become(self)
             raise
         starting.become(running)
