@@ -1,11 +1,12 @@
 """A container: its bundle, rootfs, OCI runtime, init process and exec'd processes.
 
-The Task service finds a Container and calls one method per RPC; each method checks the process's
-state (`shim.task.process.transition`), does the runtime work (`shim.runtime.runc.Runc`) and records the new
-state. Checkpoint and restore go through `shim.checkpoint.seam`; pause, resume, checkpoint and restore
-call the container's layer stack (`shim.checkpoint.layer`: the plain CRIU path, with the GPU layer
-on top for a container that has GPUs), chosen once at Create. The seam and the layers get a
-`TaskHandle`, never the container.
+The Task service finds a Container and calls one method per RPC; each method finds the process and
+hands the operation to its current state (`shim.task.process`), which refuses it or calls back here
+for the runtime work (`shim.runtime.runc.Runc`; the methods under "mechanics", `ContainerOps`) and
+moves the process on. Checkpoint and restore go through `shim.checkpoint.seam`; pause, resume,
+checkpoint and restore call the container's layer stack (`shim.checkpoint.layer`: the plain CRIU path,
+with the GPU layer on top for a container that has GPUs), chosen once at Create. The seam and the
+layers get a `TaskHandle`, never the container.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from shim.bundle import DELETED_MARK, INIT_PID_FILE, STATE_FILE
 from shim.runtime import mount as mountlib
 from shim.task.console import Console, ConsoleSocket
 from shim.task.io import IOSetupError, ProcessIO, StdioPaths
-from shim.task.process import ExecProcess, InitProcess, Op, Process, State
-from shim.runtime.reaper import Reaper
+from shim.task.process import ExecProcess, InitProcess, Process
+from shim.runtime.reaper import Exit, Reaper
 from shim.runtime.runc import RUNC_ROOT, Runc, RuntimeCommandError, read_pid_file
 from shim.runtime.select import RuntimeChoice, RuntimeSelectionError, select_runtime
 
@@ -101,7 +102,6 @@ class Container:
         self.lock = asyncio.Lock()
         self.cgroup = None
         self.oom_watcher = None
-        self.restore_from: str = ""  # checkpoint image dir when created from a checkpoint
         self.checkpoint_settings = CheckpointSettings({}, None)  # set by create (annotations, options)
         self.parent_checkpoint: str = ""
         self.own_pid_namespace = _uses_pid_namespace(spec)
@@ -166,13 +166,12 @@ class Container:
         c = cls(cid, bundle, namespace, runtime, choice, spec, rootfs if mounted else "", options, reaper, layer)
         c.checkpoint_settings = settings
         paths = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
-        init = InitProcess(cid, cid, paths)
+        # created from a checkpoint: nothing in the runtime until Start restores it (`restore_init`)
+        init = InitProcess(cid, cid, paths, restore_from=restore_image)
         c.init = init
         try:
             if restore_image:
-                c.restore_from = restore_image
                 c.parent_checkpoint = req.parent_checkpoint
-                init.state = State.CREATED_CHECKPOINT  # the runtime restores it on Start (_restore_init)
             else:
                 await c._create_init(init)
         except BaseException:
@@ -203,21 +202,21 @@ class Container:
             if sock is not None:
                 sock.close()
 
-    async def _restore_init(self, init: InitProcess) -> None:
-        """Start of a container created from a checkpoint: the seam restores it with this task's IO
-        (pipes, or the console socket); then the IO is attached and the layer's after_restore runs.
+    async def restore_init(self, init: InitProcess, image_dir: str) -> None:
+        """Start of a container created from a checkpoint: the seam restores `image_dir` with this task's
+        IO (pipes, or the console socket); then the IO is attached and the layer's after_restore runs.
         Any failure undoes the whole restore (`_undo_restore`)."""
         sock = ConsoleSocket() if init.paths.terminal else None
         try:
             if sock is None:
                 init.io = await self._make_io(init)
-            pid = await seam.restore(self.handle, self.layer, self.restore_from, self.checkpoint_settings,
+            pid = await seam.restore(self.handle, self.layer, image_dir, self.checkpoint_settings,
                                      stdio=init.io.child if init.io else None,
                                      console_socket=sock.path if sock else None,
                                      terminal=init.paths.terminal, no_pivot=self.options.no_pivot_root)
             await self._attach_io(init, sock)
             init.pid = pid
-            await self.layer.after_restore(self.handle, self.restore_from)
+            await self.layer.after_restore(self.handle, image_dir)
         except BaseException:
             await self._undo_restore()
             raise
@@ -303,34 +302,176 @@ class Container:
     # -- lookups ---------------------------------------------------------------------------------
     def process(self, exec_id: str) -> Process:
         if not exec_id:
-            assert self.init is not None
-            return self.init
+            return self._init_process()
         p = self.execs.get(exec_id)
         if p is None:
             raise TTRPCError(Code.NOT_FOUND, f"process {exec_id} does not exist in container {self.id}")
         return p
 
-    def running_execs(self) -> list[ExecProcess]:
-        return [p for p in self.execs.values() if p.state is State.RUNNING and not p.has_exited]
+    def _init_process(self) -> InitProcess:
+        assert self.init is not None
+        return self.init
 
-    # -- operations ------------------------------------------------------------------------------
-    async def start(self, exec_id: str) -> Process:
+    # -- operations: find the process; its state refuses, or calls the mechanics below -------------
+    async def start(self, exec_id: str) -> Exit | None:
+        """Start the init process (restore it, when created from a checkpoint) or an exec'd one.
+        Returns an exit the reaper reported while it started: the caller publishes it after the start event."""
+        return await self.process(exec_id).current.start(self)
+
+    def add_exec(self, exec_id: str, paths: StdioPaths, spec_any) -> ExecProcess:
+        validate_id("exec", exec_id)
+        if exec_id in self.execs:
+            raise TTRPCError(Code.ALREADY_EXISTS, f"exec {exec_id} already exists in container {self.id}")
+        return self._init_process().current.exec(self, exec_id, paths, spec_any)
+
+    async def kill(self, exec_id: str, sig: int, all_processes: bool) -> None:
+        await self.process(exec_id).current.kill(self, sig, all_processes)
+
+    async def delete_exec(self, exec_id: str) -> ExecProcess:
         p = self.process(exec_id)
-        p.check(Op.START)
-        if isinstance(p, InitProcess):
-            if p.state is State.CREATED_CHECKPOINT:
-                await self._restore_init(p)
-            else:
-                try:
-                    await self.runtime.start(self.id)
-                except RuntimeCommandError as exc:
-                    raise runtime_error(exc, f"start container {self.id}: OCI runtime start failed") from exc
-            p.apply(Op.START)
-            return p
-        await self._start_exec(p)
+        assert isinstance(p, ExecProcess)
+        await p.current.delete(self)  # release_exec, then deleted
+        del self.execs[exec_id]
         return p
 
-    async def _start_exec(self, p: ExecProcess) -> None:
+    async def delete(self) -> InitProcess:
+        init = self._init_process()
+        await init.current.delete(self)  # delete_init, then deleted
+        return init
+
+    async def pause(self) -> None:
+        await self._init_process().current.pause(self)
+
+    async def resume(self) -> None:
+        await self._init_process().current.resume(self)
+
+    async def update(self, resources_any) -> None:
+        await self._init_process().current.update(self, resources_any)
+
+    async def pids(self) -> list[int]:
+        return await self._init_process().current.pids(self)
+
+    async def checkpoint(self, request) -> str:
+        """Returns the checkpoint's image dir."""
+        return await self._init_process().current.checkpoint(self, request)
+
+    # -- mechanics: the runtime work a state asks for (`shim.task.process.ContainerOps`) ---------------
+    # (restore_init is with the create helpers above)
+    async def start_init(self, init: InitProcess) -> None:
+        try:
+            await self.runtime.start(self.id)
+        except RuntimeCommandError as exc:
+            raise runtime_error(exc, f"start container {self.id}: OCI runtime start failed") from exc
+
+    async def kill_init(self, sig: int, all_processes: bool) -> None:
+        try:
+            await self.runtime.kill(self.id, sig, all=all_processes)
+        except RuntimeCommandError as exc:
+            if exc.not_running or exc.not_exist:
+                raise TTRPCError(Code.NOT_FOUND, f"kill container {self.id}: process already finished") from exc
+            raise runtime_error(exc, f"kill container {self.id}") from exc
+
+    def abort_restore(self) -> bool:
+        """Kill a ``runc restore`` in flight (and its CRIU): its Start fails, which undoes the restore.
+        False when none runs (the restore is in another step, or done)."""
+        if not self.runtime.kill_inflight("restore"):
+            return False
+        log.warning("container %s: kill during its restore: runc restore and CRIU killed", self.id)
+        return True
+
+    async def delete_init(self, init: InitProcess, stopped: bool) -> None:
+        """Remove the container from the runtime (forced unless its init has `stopped`), its IO and rootfs.
+        For a live container a runtime failure is the error; for a stopped one it is only logged."""
+        if not await init.wait_drained(DRAIN_ON_DELETE):
+            log.warning("container %s: output not drained in %ss", self.id, DRAIN_ON_DELETE)
+        error: TTRPCError | None = None
+        try:
+            await self.runtime.delete(self.id, force=not stopped)
+        except RuntimeCommandError as exc:
+            # a checkpoint with exit, or a container never created in the runtime: nothing to delete
+            if not exc.not_exist:
+                error = runtime_error(exc, f"delete container {self.id}: OCI runtime delete failed")
+        if error is not None and not stopped:
+            raise error
+        await init.close_io()
+        for e in list(self.execs.values()):
+            await e.close_io()
+        self.close_watchers()
+        if self.rootfs:
+            try:
+                mountlib.unmount_recursive(self.rootfs)
+            except OSError as exc:
+                error = error or TTRPCError(Code.UNKNOWN, f"delete container {self.id}: unmount rootfs: {exc}")
+        if error is not None:
+            log.warning("%s", error.message)
+        else:
+            _mark_deleted(self.bundle)
+
+    async def pause_init(self) -> None:
+        await self.layer.before_pause(self.handle)  # the GPU layer suspends CUDA: the freeze releases VRAM
+        try:
+            await self.runtime.pause(self.id)
+        except BaseException as exc:
+            await self.layer.after_pause(self.handle, exc)
+            if isinstance(exc, RuntimeCommandError):
+                raise runtime_error(exc, f"pause container {self.id}") from exc
+            raise
+        await self.layer.after_pause(self.handle, None)
+
+    async def resume_init(self) -> None:
+        try:
+            await self.runtime.resume(self.id)
+        except RuntimeCommandError as exc:
+            raise runtime_error(exc, f"resume container {self.id}") from exc
+        await self.layer.after_resume(self.handle)  # CUDA processes that Pause suspended
+
+    async def update_init(self, resources_any) -> None:
+        if resources_any is None or not resources_any.value:
+            raise TTRPCError(Code.INVALID_ARGUMENT, f"update container {self.id}: no resources given")
+        try:
+            resources = json.loads(resources_any.value)
+            if not isinstance(resources, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise TTRPCError(Code.INVALID_ARGUMENT,
+                             f"update container {self.id}: resources are not OCI LinuxResources JSON: {exc}") from exc
+        try:
+            await self.runtime.update(self.id, json.dumps(resources).encode())
+        except RuntimeCommandError as exc:
+            raise runtime_error(exc, f"update container {self.id}") from exc
+
+    async def checkpoint_init(self, request, was_paused: bool) -> str:
+        return await seam.checkpoint(self.handle, self.layer, self.checkpoint_settings, request,
+                                     was_paused=was_paused)
+
+    async def list_pids(self) -> list[int]:
+        try:
+            return await self.runtime.ps(self.id)
+        except RuntimeCommandError as exc:
+            if self.cgroup is not None:
+                try:
+                    return self.cgroup.pids()
+                except Exception:
+                    pass
+            raise runtime_error(exc, f"list processes of container {self.id}") from exc
+
+    def register_exec(self, exec_id: str, paths: StdioPaths, spec_any) -> ExecProcess:
+        if spec_any is None or not spec_any.value:
+            raise TTRPCError(Code.INVALID_ARGUMENT, f"exec {exec_id} in container {self.id}: no process spec")
+        try:
+            spec = json.loads(spec_any.value)
+            if not isinstance(spec, dict) or not spec.get("args"):
+                raise ValueError("process spec has no args")
+        except ValueError as exc:
+            raise TTRPCError(Code.INVALID_ARGUMENT, f"exec {exec_id} in container {self.id}: invalid process spec: {exc}") from exc
+        p = ExecProcess(self.id, exec_id, paths, spec)
+        self.execs[exec_id] = p
+        return p
+
+    async def start_exec(self, p: ExecProcess) -> None:
+        if self._init_process().has_exited:
+            raise TTRPCError(Code.FAILED_PRECONDITION,
+                             f"cannot start {p.subject}: the container's init process is not running")
         pid_file = os.path.join(self.bundle, f"{p.id}.pid")
         process_file = os.path.join(self.bundle, f".{p.id}.process.json")
         spec = dict(p.spec)
@@ -354,7 +495,6 @@ class Container:
                 raise TTRPCError(code, f"start {p.subject}: OCI runtime exec failed: {exc.message or exc}") from exc
             await self._attach_io(p, sock)
             p.pid = read_pid_file(pid_file)
-            p.apply(Op.START)
         finally:
             if sock is not None:
                 sock.close()
@@ -363,41 +503,8 @@ class Container:
             except OSError:
                 pass
 
-    def add_exec(self, exec_id: str, paths: StdioPaths, spec_any) -> ExecProcess:
-        validate_id("exec", exec_id)
-        if exec_id in self.execs:
-            raise TTRPCError(Code.ALREADY_EXISTS, f"exec {exec_id} already exists in container {self.id}")
-        assert self.init is not None
-        self.init.check(Op.EXEC)
-        if spec_any is None or not spec_any.value:
-            raise TTRPCError(Code.INVALID_ARGUMENT, f"exec {exec_id} in container {self.id}: no process spec")
-        try:
-            spec = json.loads(spec_any.value)
-            if not isinstance(spec, dict) or not spec.get("args"):
-                raise ValueError("process spec has no args")
-        except ValueError as exc:
-            raise TTRPCError(Code.INVALID_ARGUMENT, f"exec {exec_id} in container {self.id}: invalid process spec: {exc}") from exc
-        p = ExecProcess(self.id, exec_id, paths, spec)
-        self.execs[exec_id] = p
-        return p
-
-    async def kill(self, exec_id: str, sig: int, all_processes: bool) -> None:
-        p = self.process(exec_id)
-        p.check(Op.KILL)
-        if isinstance(p, InitProcess) and p.state is State.CREATED_CHECKPOINT \
-                and self.runtime.kill_inflight("restore"):
-            # a restore stuck in CRIU: killing runc and CRIU fails the Start, which undoes the restore
-            log.warning("container %s: kill during its restore: runc restore and CRIU killed", self.id)
-            return
-        if isinstance(p, InitProcess):
-            try:
-                await self.runtime.kill(self.id, sig, all=all_processes)
-            except RuntimeCommandError as exc:
-                if exc.not_running or exc.not_exist:
-                    raise TTRPCError(Code.NOT_FOUND, f"kill container {self.id}: process already finished") from exc
-                raise runtime_error(exc, f"kill container {self.id}") from exc
-            return
-        if p.has_exited or p.pid <= 0:
+    def signal_exec(self, p: ExecProcess, sig: int) -> None:
+        if p.pid <= 0:
             raise TTRPCError(Code.NOT_FOUND, f"kill {p.subject}: process already finished")
         try:
             os.kill(p.pid, sig)
@@ -406,10 +513,8 @@ class Container:
         except (OSError, ValueError) as exc:
             raise TTRPCError(Code.INVALID_ARGUMENT, f"kill {p.subject} with signal {sig}: {exc}") from exc
 
-    async def delete_exec(self, exec_id: str) -> ExecProcess:
-        p = self.process(exec_id)
-        assert isinstance(p, ExecProcess)
-        p.check(Op.DELETE)
+    async def release_exec(self, p: ExecProcess) -> None:
+        """Delete of an exec'd process: its last output, its IO, its pid file."""
         if not await p.wait_drained(DRAIN_ON_DELETE):
             log.warning("%s: output not drained in %ss", p.subject, DRAIN_ON_DELETE)
         await p.close_io()
@@ -417,107 +522,6 @@ class Container:
             os.unlink(os.path.join(self.bundle, f"{p.id}.pid"))
         except OSError:
             pass
-        p.apply(Op.DELETE)
-        del self.execs[exec_id]
-        return p
-
-    async def delete(self) -> InitProcess:
-        p = self.init
-        assert p is not None
-        p.check(Op.DELETE)
-        if not await p.wait_drained(DRAIN_ON_DELETE):
-            log.warning("container %s: output not drained in %ss", self.id, DRAIN_ON_DELETE)
-        error: TTRPCError | None = None
-        try:
-            await self.runtime.delete(self.id, force=p.state is not State.STOPPED)
-        except RuntimeCommandError as exc:
-            # a checkpoint with exit, or a container never created in the runtime: nothing to delete
-            if not exc.not_exist:
-                error = runtime_error(exc, f"delete container {self.id}: OCI runtime delete failed")
-        if error is not None and p.state is not State.STOPPED:
-            raise error
-        await p.close_io()
-        for e in list(self.execs.values()):
-            await e.close_io()
-        self.close_watchers()
-        if self.rootfs:
-            try:
-                mountlib.unmount_recursive(self.rootfs)
-            except OSError as exc:
-                error = error or TTRPCError(Code.UNKNOWN, f"delete container {self.id}: unmount rootfs: {exc}")
-        p.apply(Op.DELETE)
-        if error is not None:
-            log.warning("%s", error.message)
-        else:
-            _mark_deleted(self.bundle)
-        return p
-
-    async def pause(self) -> None:
-        p = self.init
-        assert p is not None
-        p.check(Op.PAUSE)
-        await self.layer.before_pause(self.handle)  # the GPU layer suspends CUDA: the freeze releases VRAM
-        try:
-            await self.runtime.pause(self.id)
-        except BaseException as exc:
-            await self.layer.after_pause(self.handle, exc)
-            if isinstance(exc, RuntimeCommandError):
-                raise runtime_error(exc, f"pause container {self.id}") from exc
-            raise
-        await self.layer.after_pause(self.handle, None)
-        p.apply(Op.PAUSE)
-
-    async def resume(self) -> None:
-        p = self.init
-        assert p is not None
-        p.check(Op.RESUME)
-        try:
-            await self.runtime.resume(self.id)
-        except RuntimeCommandError as exc:
-            raise runtime_error(exc, f"resume container {self.id}") from exc
-        await self.layer.after_resume(self.handle)  # CUDA processes that Pause suspended
-        p.apply(Op.RESUME)
-
-    async def update(self, resources_any) -> None:
-        p = self.init
-        assert p is not None
-        p.check(Op.UPDATE)
-        if resources_any is None or not resources_any.value:
-            raise TTRPCError(Code.INVALID_ARGUMENT, f"update container {self.id}: no resources given")
-        try:
-            resources = json.loads(resources_any.value)
-            if not isinstance(resources, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            raise TTRPCError(Code.INVALID_ARGUMENT,
-                             f"update container {self.id}: resources are not OCI LinuxResources JSON: {exc}") from exc
-        try:
-            await self.runtime.update(self.id, json.dumps(resources).encode())
-        except RuntimeCommandError as exc:
-            raise runtime_error(exc, f"update container {self.id}") from exc
-
-    async def pids(self) -> list[int]:
-        p = self.init
-        assert p is not None
-        if p.state in (State.STOPPED, State.DELETED) or p.has_exited:
-            return []
-        try:
-            return await self.runtime.ps(self.id)
-        except RuntimeCommandError as exc:
-            if self.cgroup is not None:
-                try:
-                    return self.cgroup.pids()
-                except Exception:
-                    pass
-            raise runtime_error(exc, f"list processes of container {self.id}") from exc
-
-    async def checkpoint(self, request) -> str:
-        """Returns the checkpoint's image dir."""
-        p = self.init
-        assert p is not None
-        p.check(Op.CHECKPOINT)
-        return await seam.checkpoint(self.handle, self.layer, self.checkpoint_settings, request,
-                                     was_paused=p.state is State.PAUSED)
 
     async def kill_all(self) -> None:
         """SIGKILL everything left in the container (init exited and no pid namespace of its own)."""

@@ -146,8 +146,7 @@ class TaskService:
         if entry is None:
             return
         c, p = entry
-        if p.starting:
-            p.pending_exit = ex  # published after the start event
+        if p.hold_exit(ex):  # Start is under way: its state keeps the exit, published after the start event
             return
         self._spawn(self._handle_exit(c, p, ex))
 
@@ -157,17 +156,17 @@ class TaskService:
                 if not c.own_pid_namespace:
                     await c.kill_all()
                 # every exec's exit goes out before the init's
-                pending = [e._exited for e in c.execs.values() if e.pid and not e.has_exited]
+                pending = [e.exit_reported() for e in c.execs.values() if e.pid and not e.has_exited]
                 if pending:
                     await asyncio.wait(pending, timeout=30)
             if not await p.wait_drained(DRAIN_BEFORE_EXIT):
                 log.debug("%s: exit reported before its output was drained", p.subject)
         except Exception:  # whatever went wrong, the exit itself must be reported
             log.exception("%s: handling its exit", p.subject)
-        p.set_exited(ex.status, ex.timestamp)
+        record = p.set_exited(ex.status, ex.timestamp)
         msg = ev.TaskExit(container_id=c.id, id=p.id, pid=ex.pid, exit_status=ex.status)
-        _ts(msg.exited_at, p.exited_at)
-        p.exit_published = self._publish(msg)
+        _ts(msg.exited_at, record.at)
+        record.published = self._publish(msg)
 
     # -- RPCs ------------------------------------------------------------------------------------------
     @rpc
@@ -202,23 +201,15 @@ class TaskService:
         c = self._get(req.id)
         async with c.lock:
             p = c.process(req.exec_id)
-            if req.exec_id and (c.init.has_exited or c.init.state in (State.STOPPED, State.DELETED)):
-                raise TTRPCError(Code.FAILED_PRECONDITION,
-                                 f"cannot start {p.subject}: the container's init process is not running")
-            p.starting = True
-            early_exit = None
-            try:
-                with self.reaper.collect() as early:
-                    await c.start(req.exec_id)
-                    if p.pid and p.pid not in self._by_pid and not p.has_exited:
-                        self._track(c, p)
-                        early_exit = early.pop(p.pid)
-                        if early_exit is not None:
-                            self._by_pid.pop(p.pid, None)
-            finally:
-                p.starting = False
-                if p.pending_exit is not None:
-                    early_exit, p.pending_exit = p.pending_exit, None
+            with self.reaper.collect() as early:
+                # an exit of a pid we already track (the init's, known since Create) is held by the
+                # process's Starting state and handed back here; a new pid's exit is in `early`
+                early_exit = await c.start(req.exec_id)
+                if early_exit is None and p.pid and p.pid not in self._by_pid and not p.has_exited:
+                    self._track(c, p)
+                    early_exit = early.pop(p.pid)
+                    if early_exit is not None:
+                        self._by_pid.pop(p.pid, None)
             if isinstance(p, InitProcess):
                 self._publish(ev.TaskStart(container_id=c.id, pid=p.pid))
                 self._watch_oom(c)
@@ -243,13 +234,14 @@ class TaskService:
                 try:
                     await asyncio.wait_for(init.wait(), 2.0)
                 except asyncio.TimeoutError:
-                    init.set_exited(128 + 9)
-                    msg = ev.TaskExit(container_id=c.id, id=c.id, pid=init.pid, exit_status=init.exit_status)
-                    _ts(msg.exited_at, init.exited_at)
-                    init.exit_published = self._publish(msg)
-            if init.exit_published is not None:
+                    record = init.set_exited(128 + 9)
+                    msg = ev.TaskExit(container_id=c.id, id=c.id, pid=init.pid, exit_status=record.status)
+                    _ts(msg.exited_at, record.at)
+                    record.published = self._publish(msg)
+            published = init.exit.published if init.exit is not None else None
+            if published is not None:
                 try:
-                    await asyncio.wait_for(asyncio.shield(init.exit_published), EXIT_EVENT_BEFORE_DELETE)
+                    await asyncio.wait_for(asyncio.shield(published), EXIT_EVENT_BEFORE_DELETE)
                 except asyncio.TimeoutError:
                     log.warning("container %s: TaskExit not delivered before Delete returned", c.id)
             self._untrack(init)
@@ -373,7 +365,7 @@ class TaskService:
     @rpc
     async def stats(self, ctx, req):
         c = self._get(req.id)
-        if c.init.has_exited or c.init.state in (State.STOPPED, State.DELETED):
+        if c.init.state in (State.STOPPED, State.DELETED):
             raise TTRPCError(Code.NOT_FOUND, f"stats of container {c.id}: the container is not running")
         self._load_cgroup(c)
         if c.cgroup is None:

@@ -29,7 +29,7 @@ from shim.gpu import records as gpu_records
 from shim.gpu import settings as gpu_settings
 from shim.task.container import Container
 from shim.task.io import StdioPaths
-from shim.task.process import InitProcess, State
+from shim.task.process import Created, CreatedFromCheckpoint, InitProcess, Paused, Running, State
 from shim.runtime.runc import RuntimeCommandError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -107,8 +107,15 @@ class FakeRuntime:
         await self._op(op)
 
 
+def in_state(init: InitProcess, state: State, image_dir: str = ""):
+    """The state object a test starts `init` in (production reaches it through the operations)."""
+    if state is State.CREATED_CHECKPOINT:
+        return CreatedFromCheckpoint(init, image_dir)
+    return {State.CREATED: Created, State.RUNNING: Running, State.PAUSED: Paused}[state](init)
+
+
 def make_container(tmp_path: Path, runtime: FakeRuntime, pids, driver_loader, annotations=None,
-                   state: State = State.RUNNING, cid: str = "gpu1") -> Container:
+                   state: State = State.RUNNING, cid: str = "gpu1", image: str = "") -> Container:
     """A real shim.task.container.Container with a fake runtime; its GPU view lists `pids`."""
     from proto.containerd.runc.v1 import options_pb2
 
@@ -117,7 +124,7 @@ def make_container(tmp_path: Path, runtime: FakeRuntime, pids, driver_loader, an
     spec = {"ociVersion": "1.0.2", "annotations": dict(annotations or {})}
     c = Container(cid, str(bundle), "default", runtime, None, spec, "", options_pb2.Options(), None)
     init = InitProcess(cid, cid, StdioPaths())
-    init.state = state
+    init.current = in_state(init, state, image)
     init.pid = os.getpid()
     c.init = init
     c.layer = gpu.GpuLayer(PlainLayer(), c.id, c.spec, gpu=gpu.ContainerGpu(cid, spec, lambda: list(pids), driver_loader=driver_loader))
@@ -474,9 +481,8 @@ def test_restore_resumes_only_what_the_driver_reports_not_running(fake, procs, t
 
     async def go():
         c = make_container(tmp_path, runtime, [running, checkpointed, locked], loader(fake),
-                           state=State.CREATED_CHECKPOINT)
-        c.restore_from = str(tmp_path / "image")
-        await c.layer.after_restore(c.handle, c.restore_from)
+                           state=State.CREATED_CHECKPOINT, image=str(tmp_path / "image"))
+        await c.layer.after_restore(c.handle, c.init.current.image_dir)
 
     run(go)
     assert fake.calls(running) == []  # CRIU's plugin already resumed it
@@ -494,7 +500,7 @@ def test_restore_passes_the_gpu_map_through(fake, procs, tmp_path):
     async def go():
         c = make_container(tmp_path, FakeRuntime(Clock()), [pid], loader(fake), state=State.CREATED_CHECKPOINT,
                            annotations={gpu_settings.GPU_MAP_ANNOTATION: f"{uuids[0]}={uuids[1]}"})
-        await c.layer.after_restore(c.handle, c.restore_from)
+        await c.layer.after_restore(c.handle, c.init.current.image_dir)
 
     run(go)
     (restore,) = fake.log("restore")
@@ -510,7 +516,7 @@ def test_restore_failure_kills_the_task_and_names_pid_and_error(fake, procs, tmp
 
     async def go():
         c = make_container(tmp_path, runtime, [ok, bad], loader(fake), state=State.CREATED_CHECKPOINT)
-        await c.layer.after_restore(c.handle, c.restore_from)
+        await c.layer.after_restore(c.handle, c.init.current.image_dir)
 
     with pytest.raises(TTRPCError) as info:
         run(go)
@@ -527,7 +533,7 @@ def test_restore_of_a_failed_process_is_refused(fake, procs, tmp_path):
 
     async def go():
         c = make_container(tmp_path, runtime, [pid], loader(fake), state=State.CREATED_CHECKPOINT)
-        await c.layer.after_restore(c.handle, c.restore_from)
+        await c.layer.after_restore(c.handle, c.init.current.image_dir)
 
     with pytest.raises(TTRPCError) as info:
         run(go)
@@ -546,8 +552,8 @@ def test_cpu_only_container_never_loads_the_driver(procs, tmp_path):
         await c.checkpoint(checkpoint_request(image))
         await c.pause()
         await c.resume()
-        c.init.state = State.CREATED_CHECKPOINT
-        await c.layer.after_restore(c.handle, c.restore_from)
+        c.init.current = CreatedFromCheckpoint(c.init, "")
+        await c.layer.after_restore(c.handle, c.init.current.image_dir)
 
     run(go)
     assert runtime.calls == ["checkpoint", "pause", "resume"]

@@ -280,10 +280,9 @@ def gpu_container(tmp_path, runtime, pids, fake, spec, node, cid="gpu2", state=S
     spec = {"ociVersion": "1.0.2", "annotations": {}, **spec}
     c = Container(cid, str(bundle), "default", runtime, None, spec, "", options_pb2.Options(), None)
     init = InitProcess(cid, cid, StdioPaths())
-    init.state = state
+    init.current = lc.in_state(init, state, image)
     init.pid = os.getpid()
     c.init = init
-    c.restore_from = image
     c.layer = gpu.GpuLayer(PlainLayer(), c.id, c.spec, gpu=gpu.ContainerGpu(cid, spec, lambda: list(pids), driver_loader=loader(fake), proc=proc,
                                         gpus_dir=node[0], version_file=node[1]))
     return c
@@ -371,9 +370,9 @@ def test_two_gpus_identity_restore_resumes_all_without_a_map(fake, procs, nodes,
     async def go():
         c = gpu_container(tmp_path, runtime, pids, fake, env_spec("0,1"), node, state=State.CREATED_CHECKPOINT,
                           image=str(image))
-        await c.layer.before_restore(c.handle, c.restore_from)
+        await c.layer.before_restore(c.handle, c.init.current.image_dir)
         placement = c.layer.gpu.placement
-        await c.layer.after_restore(c.handle, c.restore_from)
+        await c.layer.after_restore(c.handle, c.init.current.image_dir)
         return placement
 
     placement = run(go)
@@ -392,9 +391,9 @@ def test_two_gpus_remap_restore_passes_the_map_to_every_process(fake, procs, nod
         c = gpu_container(tmp_path, runtime, pids, fake, {"annotations": {
             "cdi.k8s.io/gpus": f"nvidia.com/gpu=3,nvidia.com/gpu={fake_uuid(2)}"}}, node,
             state=State.CREATED_CHECKPOINT, image=str(image))
-        await c.layer.before_restore(c.handle, c.restore_from)
+        await c.layer.before_restore(c.handle, c.init.current.image_dir)
         placement = c.layer.gpu.placement
-        await c.layer.after_restore(c.handle, c.restore_from)
+        await c.layer.after_restore(c.handle, c.init.current.image_dir)
         return placement
 
     placement = run(go)
@@ -490,7 +489,7 @@ def test_no_driver_here_refuses_a_gpu_restore(fake, procs, nodes, node, tmp_path
         c = gpu_container(tmp_path, Runtime(Clock()), pids, fake, env_spec("0,1"), node, cid="new",
                           state=State.CREATED_CHECKPOINT, image=str(image))
         c.layer.gpu._load = no_driver
-        await c.layer.before_restore(c.handle, c.restore_from)
+        await c.layer.before_restore(c.handle, c.init.current.image_dir)
 
     with pytest.raises(TTRPCError) as info:
         run(go)

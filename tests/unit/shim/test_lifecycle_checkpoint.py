@@ -19,7 +19,7 @@ from shim.checkpoint.settings import NOTE_NAME, CheckpointSettings
 from shim.task.container import Container
 from shim.task.io import StdioPaths
 from shim.runtime.options import RuntimeOptions
-from shim.task.process import InitProcess, State
+from shim.task.process import Created, CreatedFromCheckpoint, InitProcess, Paused, Running, State
 from shim.runtime.runc import RuntimeCommandError
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
@@ -74,7 +74,8 @@ class FakeRuntime:
         self.calls.append(("delete", cid, force))
 
 
-def make(tmp_path: Path, runtime: FakeRuntime, annotations=None, state=State.RUNNING, options=None) -> Container:
+def make(tmp_path: Path, runtime: FakeRuntime, annotations=None, state=State.RUNNING, options=None,
+         image: str = "") -> Container:
     bundle = tmp_path / "bundle"
     bundle.mkdir(exist_ok=True)
     spec = {"ociVersion": "1.0.2", "annotations": dict(annotations or {})}
@@ -82,7 +83,10 @@ def make(tmp_path: Path, runtime: FakeRuntime, annotations=None, state=State.RUN
     c = Container("c1", str(bundle), "ns", runtime, None, spec, "", opts, None)
     c.checkpoint_settings = CheckpointSettings.from_spec(spec, opts, "c1", environ={})
     init = InitProcess("c1", "c1", StdioPaths())
-    init.state = state
+    if state is State.CREATED_CHECKPOINT:
+        init.current = CreatedFromCheckpoint(init, image)
+    else:
+        init.current = {State.CREATED: Created, State.RUNNING: Running, State.PAUSED: Paused}[state](init)
     init.pid = os.getpid()
     c.init = init
     c.layer = gpu.GpuLayer(PlainLayer(), c.id, c.spec, gpu=gpu.ContainerGpu("c1", spec, lambda: [], driver_loader=lambda hint_pids=(): None))
@@ -194,8 +198,7 @@ def test_restore_uses_the_recorded_options_and_the_annotations(tmp_path):
     mark_complete(image, {"options": {"open_tcp": True, "file_locks": False}})
 
     async def go():
-        c = make(tmp_path, rt, {"kybernate.io/checkpoint-file-locks": "true"}, state=State.CREATED_CHECKPOINT)
-        c.restore_from = str(image)
+        c = make(tmp_path, rt, {"kybernate.io/checkpoint-file-locks": "true"}, state=State.CREATED_CHECKPOINT, image=str(image))
         await c.start("")
         return c
 
@@ -211,16 +214,14 @@ def test_failed_restore_leaves_a_stopped_task_and_no_runc_state(tmp_path):
     write_image(image)
 
     async def go():
-        c = make(tmp_path, rt, state=State.CREATED_CHECKPOINT)
-        c.restore_from = str(image)
+        c = make(tmp_path, rt, state=State.CREATED_CHECKPOINT, image=str(image))
         try:
             await c.start("")
         finally:
             return c
 
     async def fails():
-        c = make(tmp_path, rt, state=State.CREATED_CHECKPOINT)
-        c.restore_from = str(image)
+        c = make(tmp_path, rt, state=State.CREATED_CHECKPOINT, image=str(image))
         await c.start("")
 
     with pytest.raises(TTRPCError) as e:
