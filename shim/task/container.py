@@ -294,8 +294,8 @@ class Container:
         except RuntimeCommandError:
             pass
         if self.rootfs:
-            try:
-                mountlib.unmount_recursive(self.rootfs)
+            try:  # unmount retries sleep while the rootfs is busy: off the event loop
+                await asyncio.to_thread(mountlib.unmount_recursive, self.rootfs)
             except OSError as exc:
                 log.warning("container %s: unmount rootfs after failed create: %s", self.id, exc)
 
@@ -398,8 +398,8 @@ class Container:
             await e.close_io()
         self.close_watchers()
         if self.rootfs:
-            try:
-                mountlib.unmount_recursive(self.rootfs)
+            try:  # unmount retries sleep while the rootfs is busy: off the event loop
+                await asyncio.to_thread(mountlib.unmount_recursive, self.rootfs)
             except OSError as exc:
                 error = error or TTRPCError(Code.UNKNOWN, f"delete container {self.id}: unmount rootfs: {exc}")
         if error is not None:
