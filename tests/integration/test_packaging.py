@@ -318,9 +318,6 @@ def test_kybernate_checkpoint_and_ps_by_containerd_id(containerd, container_id, 
     r = kyb(cd, "checkpoint", container_id, "--image-path", str(tmp_path / "again"))
     assert r.returncode == 1 and "is not running" in r.stderr
 
-    if "kybernate.io/restore-from" not in " ".join(
-            p.read_text() for p in (REPO / "shim").glob("*.py") if p.name != "operator_cli.py"):
-        pytest.xfail("the shim does not read the kybernate.io/restore-from annotation yet")
     r = kyb(cd, "restore", container_id, "--from", str(image2), "--ctr", str(cd.install.ctr))
     assert r.returncode == 0, r.stdout + r.stderr
     assert count(cd, container_id) >= before
