@@ -7,9 +7,10 @@ work is the sans-IO `framing` and `messages` modules; this module only moves byt
 Requests cost memory for as long as they are in flight, and a Wait may be in flight for days, so both
 the requests in flight on one connection and those on the whole server are capped: one over either
 cap is answered RESOURCE_EXHAUSTED at once (over the server-wide cap, only on connections holding
-more than their share of it, so a flood on one connection does not refuse another's Delete). A connection that closes takes its requests with it: their
-tasks are cancelled (as Go's ttrpc cancels their context), so nobody's Waits outlive their caller.
-A peer that sends requests without reading the answers is not read from until it does.
+more than their share of it, so a flood on one connection does not refuse another's Delete). A
+connection that closes takes its requests with it: their tasks are cancelled (as Go's ttrpc cancels
+their context), so nobody's Waits outlive their caller. A peer that sends requests without reading
+the answers is not read from until it does.
 """
 from __future__ import annotations
 
