@@ -225,7 +225,6 @@ def test_a_flood_of_waits_is_bounded_in_memory_and_fds():
                 assert 4096 <= running <= 2 * 4096, running
                 assert refused[0] == connections * per_connection - running
                 grown_mib = (_rss_kib(proc.pid) - rss_before) / 1024
-                print(f"flood: {running} in flight, RSS +{grown_mib:.1f} MiB")
                 assert grown_mib < 64, f"server RSS grew by {grown_mib:.0f} MiB for {running} Waits in flight"
                 for raw in raws:
                     raw.close()
