@@ -167,8 +167,10 @@ class Progress:
         next_log = t0 + self.log_every
         while thread.is_alive():
             thread.join(self.interval)
-            if not self.enabled or not thread.is_alive():
+            if not thread.is_alive():
                 break
+            if not self.enabled:
+                continue  # quiet: no progress lines, but the work is still waited for
             now = time.monotonic()
             if tty:
                 self.stream.write("\r" + self._line(now - t0) + "\033[K")

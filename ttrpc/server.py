@@ -3,6 +3,14 @@
 Requests on one connection run concurrently and are answered as they finish, so a slow Create does
 not hold up a State call behind it (containerd multiplexes everything over one connection). The wire
 work is the sans-IO `framing` and `messages` modules; this module only moves bytes and tasks.
+
+Requests cost memory for as long as they are in flight, and a Wait may be in flight for days, so both
+the requests in flight on one connection and those on the whole server are capped: one over either
+cap is answered RESOURCE_EXHAUSTED at once (over the server-wide cap, only on connections holding
+more than their share of it, so a flood on one connection does not refuse another's Delete). A
+connection that closes takes its requests with it: their tasks are cancelled (as Go's ttrpc cancels
+their context), so nobody's Waits outlive their caller. A peer that sends requests without reading
+the answers is not read from until it does.
 """
 from __future__ import annotations
 
@@ -28,6 +36,11 @@ _timeout = getattr(asyncio, "timeout", None)
 
 _READ_SIZE = 256 * 1024
 
+# containerd keeps one connection per shim and has a Wait in flight per process (init and every exec
+# of every container the shim serves), plus the odd State or Pids; a thousand is far beyond that.
+MAX_REQUESTS_PER_CONNECTION = 1024
+MAX_REQUESTS_IN_FLIGHT = 4096
+
 # The request task a handler runs under, so `shutdown` called from a handler can tell which task not
 # to wait for; current_task() would name the deadline wrapper's inner task instead.
 _request_task: contextvars.ContextVar[Optional[asyncio.Task[None]]] = contextvars.ContextVar(
@@ -43,13 +56,20 @@ class Server:
     """
 
     def __init__(self, services: Iterable[Service] = (), check_peer_uid: bool = False,
-                 max_message_length: int = MAX_MESSAGE_LENGTH, expected_uid: Optional[int] = None):
+                 max_message_length: int = MAX_MESSAGE_LENGTH, expected_uid: Optional[int] = None,
+                 max_requests_per_connection: int = MAX_REQUESTS_PER_CONNECTION,
+                 max_requests_in_flight: int = MAX_REQUESTS_IN_FLIGHT):
+        if max_requests_per_connection < 1 or max_requests_in_flight < 1:
+            raise ValueError("request limits must be at least 1")
         self._services: dict[str, Service] = {}
         for service in services:
             self.register(service)
         self.check_peer_uid = check_peer_uid
         self.expected_uid = os.geteuid() if expected_uid is None else expected_uid
         self.max_message_length = max_message_length
+        self.max_requests_per_connection = max_requests_per_connection
+        self.max_requests_in_flight = max_requests_in_flight
+        self.requests_in_flight = 0  # over all connections
         self._listeners: list[asyncio.AbstractServer] = []
         self._socket_paths: list[str] = []
         self._connections: set[_Connection] = set()
@@ -70,6 +90,12 @@ class Server:
         if handler is None:
             raise TTRPCError(Code.UNIMPLEMENTED, f"method {method}")
         return handler
+
+    def fair_share(self) -> int:
+        """Over the server-wide cap, a connection holding fewer requests than this is still served:
+        one client's flood must not lock out containerd's Kill and Delete on its own connection.
+        In flight are thus at most twice the cap."""
+        return self.max_requests_in_flight // max(1, len(self._connections))
 
     async def serve_unix(self, address: str) -> None:
         """Binds `address` (a path, "@name" or "\\0name" for abstract) and starts accepting.
@@ -166,6 +192,9 @@ class _Connection:
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.last_stream_id = 0
         self.draining = False
+        self.peer_gone = False  # the peer closed or reset: nothing more can be written to it
+        self.ended = ""  # why reading stopped (not by shutdown): the reason the requests are cancelled
+        self._refusing = False  # over a request cap now (logged once per episode, not per request)
         self._idle = asyncio.Event()
         self._idle.set()
         self.closed = asyncio.Event()
@@ -183,9 +212,8 @@ class _Connection:
         try:
             await self._read_loop()
         finally:
-            if self.tasks:
-                log.debug("ttrpc connection from %s: reading stopped with %d request(s) in flight; "
-                          "finishing them", self.describe(), len(self.tasks))
+            if self.tasks and not self.draining:
+                self._cancel_requests()
             try:
                 await self._idle.wait()
                 self.writer.close()
@@ -212,14 +240,19 @@ class _Connection:
                 data = await self.reader.read(_READ_SIZE)
             except (ConnectionError, OSError) as exc:
                 log.info("ttrpc connection from %s lost: %s", self.describe(), exc)
+                self.peer_gone = True
+                self.ended = f"connection lost: {exc}"
                 return
             if not data:
                 if self.decoder.buffered:
                     log.warning("ttrpc connection from %s closed in the middle of a frame (%d bytes "
                                 "of it received)", self.describe(), self.decoder.buffered)
-                if self.tasks and not self.draining:
-                    log.info("ttrpc client %s went away with %d request(s) in flight",
-                             self.describe(), len(self.tasks))
+                if not self.draining:
+                    self.peer_gone = True
+                    self.ended = "the client closed the connection"
+                    if self.tasks:
+                        log.info("ttrpc client %s went away with %d request(s) in flight: cancelling them",
+                                 self.describe(), len(self.tasks))
                 return
             try:
                 frames = self.decoder.feed(data)
@@ -231,11 +264,49 @@ class _Connection:
             if self.decoder.error is not None:
                 self._protocol_failure(self.decoder.error)
                 return
+            # backpressure: a peer that does not read its answers is not read from either, so the
+            # answers (RESOURCE_EXHAUSTED ones included) cannot pile up in our write buffer
+            try:
+                await self.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                log.info("ttrpc connection from %s lost: %s", self.describe(), exc)
+                self.peer_gone = True
+                self.ended = f"connection lost: {exc}"
+                return
 
     def _protocol_failure(self, error: ProtocolError) -> None:
         log.warning("ttrpc protocol error from %s, closing the connection: %s", self.describe(), error)
+        self.ended = f"protocol error: {error}"
         if isinstance(error, MessageTooLarge) and error.stream_id:
             self._send_status(error.stream_id, Code.RESOURCE_EXHAUSTED, str(error))
+
+    def _cancel_requests(self) -> None:
+        """The connection is over: its requests have nobody to answer to (Go's ttrpc cancels their
+        context). Handlers see CancelledError; work that must finish anyway shields itself."""
+        if self.tasks:
+            log.debug("ttrpc connection from %s: cancelling %d request(s): %s", self.describe(),
+                      len(self.tasks), self.ended or "connection closed")
+        for task in list(self.tasks.values()):
+            task.cancel()
+
+    def _over_capacity(self, name: str) -> str:
+        """Why a new request cannot be taken now ('' when it can)."""
+        server = self.server
+        mine, limit = len(self.tasks), server.max_requests_per_connection
+        if mine >= limit:
+            why = (f"{name}: too many requests in flight on this connection ({mine}, the limit is {limit}); "
+                   "retry once some are answered")
+        elif server.requests_in_flight >= server.max_requests_in_flight and mine >= server.fair_share():
+            why = (f"{name}: too many requests in flight on this server ({server.requests_in_flight} over all "
+                   f"connections, the limit is {server.max_requests_in_flight}; this connection has {mine}); "
+                   "retry once some are answered")
+        else:
+            self._refusing = False
+            return ""
+        if not self._refusing:
+            self._refusing = True
+            log.warning("ttrpc: refusing requests from %s with RESOURCE_EXHAUSTED: %s", self.describe(), why)
+        return why
 
     def _on_frame(self, frame: Frame) -> None:
         stream_id = frame.stream_id
@@ -271,14 +342,20 @@ class _Connection:
             log.debug("ttrpc: %s/%s from %s: %s", request.service, request.method, self.describe(), exc)
             self._send_status(stream_id, exc.code, exc.message)
             return
+        refusal = self._over_capacity(f"{request.service}/{request.method}")
+        if refusal:
+            self._send_status(stream_id, Code.RESOURCE_EXHAUSTED, refusal)
+            return
         handle = self._handle_stream if method.server_streaming else self._handle_unary
         task = asyncio.get_running_loop().create_task(handle(stream_id, method, request))
         self.tasks[stream_id] = task
+        self.server.requests_in_flight += 1
         self._idle.clear()
         task.add_done_callback(lambda _t, sid=stream_id: self._finished(sid))
 
     def _finished(self, stream_id: int) -> None:
-        self.tasks.pop(stream_id, None)
+        if self.tasks.pop(stream_id, None) is not None:
+            self.server.requests_in_flight -= 1
         if not self.tasks:
             self._idle.set()
             if self.draining:
@@ -305,7 +382,7 @@ class _Connection:
             result = await self._within_deadline(ctx, _call(method.handler, ctx, decoded))
             response = Response(Status(), method.encode_response(result))
         except asyncio.CancelledError:
-            self._send_status(stream_id, Code.UNAVAILABLE, "server is shutting down")
+            self._send_status(stream_id, Code.UNAVAILABLE, self._cancel_message())
             raise
         except Exception as exc:
             response = Response(self._status_for(ctx, exc))
@@ -332,7 +409,7 @@ class _Connection:
         try:
             await self._within_deadline(ctx, pump())
         except asyncio.CancelledError:
-            self._send_status(stream_id, Code.UNAVAILABLE, "server is shutting down")
+            self._send_status(stream_id, Code.UNAVAILABLE, self._cancel_message())
             raise
         except (ConnectionError, OSError) as exc:
             log.info("ttrpc stream %d to %s ended: %s", stream_id, self.describe(), exc)
@@ -359,6 +436,11 @@ class _Connection:
         log.error("ttrpc: %s failed", name, exc_info=exc)
         return Status(Code.INTERNAL, str(exc) or type(exc).__name__)
 
+    def _cancel_message(self) -> str:
+        if self.ended:
+            return f"request cancelled: {self.ended}"
+        return "server is shutting down"
+
     def _send_status(self, stream_id: int, code: Code, message: str) -> None:
         self._send_response(stream_id, Response(Status(code, message)))
 
@@ -371,7 +453,7 @@ class _Connection:
         self._write(Frame(stream_id, FrameType.RESPONSE, data))
 
     def _write(self, frame: Frame) -> bool:
-        if self.writer.is_closing():
+        if self.peer_gone or self.writer.is_closing():
             log.debug("ttrpc: dropping %s on stream %d: connection to %s is closed", frame.type.name,
                       frame.stream_id, self.describe())
             return False

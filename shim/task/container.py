@@ -41,7 +41,6 @@ log = logging.getLogger("kybernate.shim")
 # containerd's identifier rule (pkg/identifiers): alphanumerics separated by single . _ or -
 _ID_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
 MAX_ID_LENGTH = 76
-DRAIN_ON_DELETE = 10.0
 
 
 def validate_id(kind: str, value: str) -> None:
@@ -381,9 +380,8 @@ class Container:
 
     async def delete_init(self, init: InitProcess, stopped: bool) -> None:
         """Remove the container from the runtime (forced unless its init has `stopped`), its IO and rootfs.
-        For a live container a runtime failure is the error; for a stopped one it is only logged."""
-        if not await init.wait_drained(DRAIN_ON_DELETE):
-            log.warning("container %s: output not drained in %ss", self.id, DRAIN_ON_DELETE)
+        For a live container a runtime failure is the error; for a stopped one it is only logged. Its
+        output was drained by the caller, holding no lock (shim.task.io.drain_output)."""
         error: TTRPCError | None = None
         try:
             await self.runtime.delete(self.id, force=not stopped)
@@ -514,9 +512,8 @@ class Container:
             raise TTRPCError(Code.INVALID_ARGUMENT, f"kill {p.subject} with signal {sig}: {exc}") from exc
 
     async def release_exec(self, p: ExecProcess) -> None:
-        """Delete of an exec'd process: its last output, its IO, its pid file."""
-        if not await p.wait_drained(DRAIN_ON_DELETE):
-            log.warning("%s: output not drained in %ss", p.subject, DRAIN_ON_DELETE)
+        """Delete of an exec'd process: its IO and its pid file (its output was drained by the caller,
+        holding no lock: shim.task.io.drain_output)."""
         await p.close_io()
         try:
             os.unlink(os.path.join(self.bundle, f"{p.id}.pid"))

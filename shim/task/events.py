@@ -48,6 +48,7 @@ class Publisher:
         self._client = None
         self._worker: asyncio.Task | None = None
         self._closed = False
+        self._warned_no_address = False
         self.sent = 0
         self.dropped = 0
 
@@ -55,7 +56,18 @@ class Publisher:
         """Queue `event` (a containerd.events message); returns its delivery future."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        if self._closed or not self.address:
+        if not self.address:
+            # containerd always sets TTRPC_ADDRESS: without it nobody hears of exits (ctr and kubelet
+            # would wait for ever), so say so, once, rather than drop every event in silence
+            self.dropped += 1
+            if not self._warned_no_address:
+                self._warned_no_address = True
+                log.warning("TTRPC_ADDRESS is not set: task events are not delivered to containerd "
+                            "(the first dropped is %s; the others go the same way, without another warning)",
+                            topic_of(event))
+            fut.set_result(False)
+            return fut
+        if self._closed:
             fut.set_result(False)
             return fut
         from google.protobuf.timestamp_pb2 import Timestamp

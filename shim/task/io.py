@@ -12,8 +12,14 @@ runc shim reads them:
   CONTAINER_NAMESPACE in its environment.
 
 Terminals are in `shim.task.console`. Pumps run on the asyncio loop (non-blocking fds, add_reader /
-add_writer); `ProcessIO.wait_drained` is what exit reporting waits on, so a process's last output is
-in containerd's fifos before its TaskExit is published.
+add_writer).
+
+When the output is drained, as containerd's runc shim does it: a process's exit is reported as soon
+as it exits; Delete of the process then waits for its output to reach containerd (`drain_output`),
+without holding anything another process of the container needs, and closes the IO. A child the
+process left running in the background may keep the pipes open for ever: the wait ends once the
+output has been quiet for `DRAIN_QUIET` seconds (nothing read, nothing waiting to be written), and in
+any case after `DRAIN_LIMIT` (a steady stream from such a child).
 """
 from __future__ import annotations
 
@@ -32,6 +38,11 @@ from shim.runtime.runc import Stdio
 log = logging.getLogger("kybernate.shim")
 
 BINARY_LOGGER_TERM_TIMEOUT = 12.0
+# Delete's wait for a process's output (see the module docstring). containerd 1.6's runc shim waits
+# 2 s in all, 2.x's 10 s: the quiet rule gives a silent background child the first and output still
+# flowing to a slow reader the second.
+DRAIN_QUIET = 1.0
+DRAIN_LIMIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,7 @@ class Pump:
         self.name = name
         self.done = self.loop.create_future()
         self._pending = b""
+        self.last_read = self.loop.time()  # when bytes last came from the source (for the quiet rule)
         os.set_blocking(src, False)
         if dst is not None:
             os.set_blocking(dst, False)
@@ -82,6 +94,7 @@ class Pump:
         if not data:
             self._finish()
             return
+        self.last_read = self.loop.time()
         self._write(data)
 
     def _write(self, data: bytes) -> None:
@@ -138,6 +151,11 @@ class Pump:
         """Stop now (the IO is being torn down); the destination is closed by its owner."""
         self._finish()
 
+    @property
+    def writing(self) -> bool:
+        """Bytes read and not yet written (the destination is full): the output is not quiet."""
+        return bool(self._pending)
+
 
 def _close(fd: int | None) -> None:
     if fd is None:
@@ -186,13 +204,38 @@ class StdinFifo:
         _close(fd)
 
 
-async def wait_pumps(pumps, timeout: float) -> bool:
-    """True once every pump has copied its source to EOF (pipes and consoles alike); False on timeout."""
-    pending = [p.done for p in pumps if not p.done.done()]
-    if not pending:
-        return True
-    done, _ = await asyncio.wait(pending, timeout=timeout)
-    return len(done) == len(pending)
+async def wait_pumps(pumps, timeout: float, quiet: float | None = None) -> bool:
+    """True once every pump has copied its source to EOF (pipes and consoles alike); False on timeout,
+    or (with `quiet`) once no pump left has read or held anything for `quiet` seconds."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    deadline = start + timeout
+    while True:
+        left = [p for p in pumps if not p.done.done()]
+        if not left:
+            return True
+        now = loop.time()
+        wait = deadline - now
+        if quiet is not None and not any(p.writing for p in left):
+            # counted from the start of this wait at the earliest: what is in the pipe now is read
+            quiet_for = now - max(start, *(p.last_read for p in left))
+            if quiet_for >= quiet:
+                return False
+            wait = min(wait, quiet - quiet_for)
+        if wait <= 0:
+            return False
+        await asyncio.wait([p.done for p in left], timeout=wait)
+
+
+async def drain_output(proc, limit: float | None = None, quiet: float | None = None) -> bool:
+    """Wait for an exited process's output to reach containerd (pipes or console); see the module
+    docstring. True when it reached EOF, False when a background child kept it open."""
+    pumps = []
+    for io in (getattr(proc, "console", None), getattr(proc, "io", None)):
+        if io is not None:
+            pumps += io.pumps
+    return await wait_pumps(pumps, DRAIN_LIMIT if limit is None else limit,
+                            DRAIN_QUIET if quiet is None else quiet)
 
 
 def _is_fifo(path: str) -> bool:

@@ -3,8 +3,10 @@
 Each method validates the request, finds the container or process, delegates to `shim.task.container`,
 and publishes the event. Process exits come from the reaper (`on_exit`); they are published in the
 order containerd relies on: a process's start event before its exit, every exec's exit before its
-container's init exit, a process's output drained before its exit, and the TaskExit delivered before
-Delete returns.
+container's init exit, and the TaskExit delivered before Delete returns. As in containerd's runc
+shim, an exit is reported when the process exits; its output is drained by Delete, before the
+container's lock is taken, so a background child holding an exec's pipes open delays only the
+Delete of that exec, never another process of the container.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 
 from ttrpc import Code, Service, TTRPCError
 from google.protobuf import empty_pb2
@@ -22,14 +25,13 @@ from proto.containerd.task.v2 import shim_pb2 as api
 from proto.containerd.types.task import task_pb2 as types
 
 from shim.task.container import Container, validate_id
-from shim.task.io import StdioPaths
+from shim.task.io import StdioPaths, drain_output
 from shim.task.process import ExecProcess, InitProcess, Process, State
 from shim.runtime.reaper import Exit, Reaper
 
 log = logging.getLogger("kybernate.shim")
 
 SERVICE_NAMES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
-DRAIN_BEFORE_EXIT = 2.0  # how long an exit waits for the process's last output
 EXIT_EVENT_BEFORE_DELETE = 5.0
 IDLE_EXIT_AFTER = 5.0  # the shim exits this long after its last task was deleted (if no Shutdown)
 
@@ -49,8 +51,15 @@ def _ts(msg, when: float | None) -> None:
         msg.FromNanoseconds(int(when * 1e9))
 
 
-def rpc(method):
-    """Every failure is a TTRPCError naming the RPC and the container; the rest is a bug, logged."""
+def rpc(method=None, *, cancellable: bool = False):
+    """Every failure is a TTRPCError naming the RPC and the container; the rest is a bug, logged.
+
+    The ttrpc server cancels a request when its connection closes (or its deadline passes). Only
+    `cancellable` RPCs (those that change nothing: Wait, State, ...) stop there; the others run to
+    their end in a task of their own, so a containerd restarting in the middle of a Create, Start,
+    Delete or Checkpoint never leaves a half-done container or an unpublished event behind."""
+    if method is None:
+        return functools.partial(rpc, cancellable=cancellable)
 
     @functools.wraps(method)
     async def wrapper(self, ctx, req):
@@ -58,7 +67,9 @@ def rpc(method):
         cid = getattr(req, "id", "")
         log.debug("rpc %s id=%s exec=%s", name, cid, getattr(req, "exec_id", ""))
         try:
-            return await method(self, ctx, req)
+            if cancellable:
+                return await method(self, ctx, req)
+            return await self._to_completion(name, cid, method(self, ctx, req))
         except TTRPCError as exc:
             log.debug("rpc %s %s: %s %s", name, cid, exc.code.name, exc.message)
             raise
@@ -69,6 +80,19 @@ def rpc(method):
             raise TTRPCError(Code.UNKNOWN, f"{name.lower()} container {cid}: {exc}") from exc
 
     return wrapper
+
+
+def _log_orphan_result(name: str, cid: str, task: asyncio.Task) -> None:
+    """The end of an RPC whose caller went away: nobody else will see how it went."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is None:
+        log.info("rpc %s for container %s finished after its caller was gone", name, cid)
+    elif isinstance(exc, TTRPCError):
+        log.warning("rpc %s for container %s failed after its caller was gone: %s", name, cid, exc.message)
+    else:
+        log.error("rpc %s for container %s failed after its caller was gone", name, cid, exc_info=exc)
 
 
 class TaskService:
@@ -82,6 +106,7 @@ class TaskService:
         self._by_pid: dict[int, tuple[Container, Process]] = {}
         self._idle_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._cgroup_warned: set[str] = set()  # containers whose unreadable cgroup was warned about
         reaper.subscribe(self.on_exit)
 
     def services(self) -> list[Service]:
@@ -139,6 +164,17 @@ class TaskService:
     def _publish(self, event) -> asyncio.Future:
         return self.publisher.publish(event)
 
+    async def _to_completion(self, name: str, cid: str, coro):
+        """Await `coro` in a task that a cancelled caller does not cancel (see `rpc`)."""
+        task = self._spawn(coro)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                log.info("rpc %s for container %s: its caller is gone; finishing it anyway", name, cid)
+                task.add_done_callback(functools.partial(_log_orphan_result, name, cid))
+            raise
+
     # -- exits ---------------------------------------------------------------------------------------
     def on_exit(self, ex: Exit) -> None:
         """Reaper subscriber: an exit of one of our container processes (others are ignored)."""
@@ -159,8 +195,6 @@ class TaskService:
                 pending = [e.exit_reported() for e in c.execs.values() if e.pid and not e.has_exited]
                 if pending:
                     await asyncio.wait(pending, timeout=30)
-            if not await p.wait_drained(DRAIN_BEFORE_EXIT):
-                log.debug("%s: exit reported before its output was drained", p.subject)
         except Exception:  # whatever went wrong, the exit itself must be reported
             log.exception("%s: handling its exit", p.subject)
         record = p.set_exited(ex.status, ex.timestamp)
@@ -222,6 +256,13 @@ class TaskService:
     @rpc
     async def delete(self, ctx, req):
         c = self._get(req.id)
+        p = c.process(req.exec_id)
+        if p.has_exited:
+            # its last output to containerd first, holding no lock (see the module docstring)
+            if not await drain_output(p):
+                log.warning("%s: its output is still open %.0f s after it exited (a child left running "
+                            "in the background?): closing it; later output is lost", p.subject,
+                            time.time() - (p.exited_at or time.time()))
         async with c.lock:
             if req.exec_id:
                 p = await c.delete_exec(req.exec_id)
@@ -248,6 +289,7 @@ class TaskService:
             for e in c.execs.values():
                 self._untrack(e)
             del self.containers[c.id]
+            self._cgroup_warned.discard(c.id)
             msg = ev.TaskDelete(container_id=c.id, pid=init.pid, exit_status=init.exit_status)
             _ts(msg.exited_at, init.exited_at)
             self._publish(msg)
@@ -270,7 +312,7 @@ class TaskService:
         self._publish(ev.TaskExecAdded(container_id=c.id, exec_id=p.id))
         return EMPTY
 
-    @rpc
+    @rpc(cancellable=True)
     async def state(self, ctx, req):
         c = self._get(req.id)
         p = c.process(req.exec_id)
@@ -291,7 +333,7 @@ class TaskService:
         await c.kill(req.exec_id, req.signal, req.all)
         return EMPTY
 
-    @rpc
+    @rpc(cancellable=True)
     async def wait(self, ctx, req):
         c = self._get(req.id)
         p = c.process(req.exec_id)
@@ -316,7 +358,7 @@ class TaskService:
         self._publish(ev.TaskResumed(container_id=c.id))
         return EMPTY
 
-    @rpc
+    @rpc(cancellable=True)
     async def pids(self, ctx, req):
         c = self._get(req.id)
         pids = await c.pids()
@@ -362,21 +404,21 @@ class TaskService:
         self._publish(ev.TaskCheckpointed(container_id=c.id, checkpoint=image))
         return EMPTY
 
-    @rpc
+    @rpc(cancellable=True)
     async def stats(self, ctx, req):
         c = self._get(req.id)
         if c.init.state in (State.STOPPED, State.DELETED):
             raise TTRPCError(Code.NOT_FOUND, f"stats of container {c.id}: the container is not running")
-        self._load_cgroup(c)
-        if c.cgroup is None:
-            raise TTRPCError(Code.NOT_FOUND, f"stats of container {c.id}: its cgroup does not exist")
+        why = self._load_cgroup(c)
+        if why:
+            raise TTRPCError(Code.NOT_FOUND, f"stats of container {c.id}: {why}")
         try:
             metrics = c.cgroup.metrics()
         except Exception as exc:
             raise TTRPCError(Code.UNKNOWN, f"stats of container {c.id}: {exc}") from exc
         return api.StatsResponse(stats=metrics)
 
-    @rpc
+    @rpc(cancellable=True)
     async def connect(self, ctx, req):
         c = self.containers.get(req.id)
         return api.ConnectResponse(shim_pid=os.getpid(), task_pid=c.init.pid if c and c.init else 0)
@@ -390,20 +432,32 @@ class TaskService:
         return EMPTY
 
     # -- cgroups, OOM, idle exit -----------------------------------------------------------------------
-    def _load_cgroup(self, c: Container) -> None:
-        if c.cgroup is not None or not c.init or c.init.pid <= 0:
-            return
+    def _load_cgroup(self, c: Container) -> str:
+        """Find the container's cgroup (Stats, OOM events); '' or why it cannot be read.
+
+        A failure is warned about once per container: without the cgroup there are no OOM events
+        and no Stats, which containerd and kubelet would otherwise see only as silence."""
+        if c.cgroup is not None:
+            return ""
+        if not c.init or c.init.pid <= 0:
+            return "its init process has no pid yet"
         try:
             from shim.cgroups import Cgroup
 
             c.cgroup = Cgroup.for_pid(c.init.pid)
+            return ""
         except Exception as exc:
-            log.debug("container %s: no cgroup for pid %d: %s", c.id, c.init.pid, exc)
+            why = f"cgroup of pid {c.init.pid}: {exc}"
+        if c.init.has_exited or not os.path.exists(f"/proc/{c.init.pid}"):
+            log.debug("container %s: no cgroup: %s (its init has exited)", c.id, why)
+        elif c.id not in self._cgroup_warned:
+            self._cgroup_warned.add(c.id)
+            log.warning("container %s: cannot read its cgroup, so no Stats and no OOM events: %s", c.id, why)
+        return why
 
     def _watch_oom(self, c: Container) -> None:
-        self._load_cgroup(c)
-        if c.cgroup is None or c.oom_watcher is not None:
-            return
+        if self._load_cgroup(c) or c.oom_watcher is not None:
+            return  # no cgroup: warned about by _load_cgroup
         try:
             from shim.cgroups import OomWatcher
 

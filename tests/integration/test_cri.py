@@ -327,14 +327,6 @@ def test_checkpoint_of_unknown_pod_or_foreign_container_is_refused(cri_cd, clien
     assert r.returncode == 1 and "no container 'nope' in pod kybtest/runc-pod" in r.stderr
 
 
-def _shim_restore_support(cd: Containerd) -> str:
-    """'' when the shim reads kybernate.io/restore-from, else why not (for xfail)."""
-    text = " ".join(p.read_text(errors="replace") for p in (REPO / "shim").glob("*.py")
-                    if p.name != "operator_cli.py")   # the operator command only names it
-    return "" if "kybernate.io/restore-from" in text else \
-        "the shim does not read the kybernate.io/restore-from annotation yet (shim/ has no such code)"
-
-
 def test_checkpoint_and_restore_through_the_pod_annotation(cri_cd, client, tmp_path):
     pod_id, sandbox = client.run_pod("counter")
     cid = client.create(pod_id, sandbox, "counter", COUNTER)
@@ -347,9 +339,6 @@ def test_checkpoint_and_restore_through_the_pod_annotation(cri_cd, client, tmp_p
     assert wait_for(lambda: client.state(cid) == cri.CONTAINER_EXITED, 15)
     client.remove_pod(pod_id)
 
-    reason = _shim_restore_support(cri_cd)
-    if reason:
-        pytest.xfail(reason)
     pod2, sandbox2 = client.run_pod("counter-restored", annotations={"kybernate.io/restore-from": str(image)})
     restored = client.create(pod2, sandbox2, "counter", COUNTER)
     client.start(restored)

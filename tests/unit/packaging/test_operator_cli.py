@@ -314,6 +314,71 @@ def test_progress_reraises_the_error_of_the_work(tmp_path):
         Progress("x", tmp_path, stream=io.StringIO(), interval=0.01).run(lambda: (_ for _ in ()).throw(ValueError("boom")))
 
 
+def test_quiet_progress_still_waits_for_the_work(tmp_path):
+    """-q hides the progress line and nothing else: the call returns only when the work did."""
+    out = io.StringIO()
+    finished = threading.Event()
+
+    def slow_rpc():
+        time.sleep(1.3)  # several display intervals
+        finished.set()
+        return "checkpointed"
+
+    p = Progress("checkpoint x", tmp_path, stream=out, interval=0.05, log_every=0.1, enabled=False)
+    assert p.run(slow_rpc) == "checkpointed"
+    assert finished.is_set() and p.seconds >= 1.3
+    assert out.getvalue() == "" and p.lines == []
+
+
+def test_checkpoint_quiet_returns_after_the_checkpoint_rpc(tmp_path, monkeypatch, capsys):
+    """`kybernate checkpoint -q` against a containerd whose Checkpoint takes 1.5 s and writes the image
+    at its end: the command waits for it and reports the whole image."""
+    import struct
+    from types import SimpleNamespace
+
+    from criu.images import IMG_COMMON_MAGIC, INVENTORY_MAGIC, PSTREE_MAGIC
+    from kybernate import RUNTIME_TYPE
+    from kybernate import checkpoint as ck
+    from kybernate.cli import main
+    from proto.containerd.types.task import task_pb2
+
+    calls = []
+
+    class SlowContainerd:
+        def __init__(self, address):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def container(self, namespace, cid):
+            return SimpleNamespace(runtime=SimpleNamespace(name=RUNTIME_TYPE))
+
+        def task(self, namespace, cid):
+            return SimpleNamespace(status=task_pb2.RUNNING, pid=42)
+
+        def checkpoint(self, namespace, cid, options, timeout=None):
+            from proto.anyutil import unpack
+            from proto.containerd.runc.v1 import options_pb2
+
+            image = Path(unpack(options, options_pb2.CheckpointOptions).image_path)
+            time.sleep(1.5)
+            (image / "inventory.img").write_bytes(struct.pack("<I", INVENTORY_MAGIC) + b"\0" * 12)
+            (image / "pstree.img").write_bytes(struct.pack("<II", IMG_COMMON_MAGIC, PSTREE_MAGIC))
+            calls.append(time.monotonic())
+
+    monkeypatch.setattr(ck, "Containerd", SlowContainerd)
+    image = tmp_path / "image"
+    t0 = time.monotonic()
+    assert main(["checkpoint", "c1", "-q", "--image-path", str(image)]) == 0
+    assert len(calls) == 1 and time.monotonic() - t0 >= 1.5
+    out, err = capsys.readouterr()
+    assert f"checkpoint of default/c1: {image}" in out and err == ""
+
+
 def test_human_and_tree_size(tmp_path):
     assert human(512) == "512 B" and human(1536) == "1.5 KiB" and human(3 * 1024 ** 3) == "3.0 GiB"
     (tmp_path / "a").write_bytes(b"1" * 10)

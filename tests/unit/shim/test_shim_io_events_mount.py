@@ -1,5 +1,6 @@
 """IO pumps on fifos, the event publisher's order and retries, mount option parsing."""
 import asyncio
+import logging
 import os
 
 import pytest
@@ -130,7 +131,7 @@ def test_publisher_keeps_order_and_retries():
     asyncio.run(scenario())
 
 
-def test_publisher_gives_up_and_without_address_drops():
+def test_publisher_gives_up_and_without_address_drops_with_one_warning(caplog):
     from proto.containerd.events import task_pb2 as ev
 
     async def scenario():
@@ -142,10 +143,18 @@ def test_publisher_gives_up_and_without_address_drops():
         pub = Publisher("/run/fake.ttrpc", "ns", connect=connect, retry_delay=0.001)
         assert await asyncio.wait_for(pub.publish(ev.TaskOOM(container_id="c")), 5) is False
         assert pub.dropped == 1
+        caplog.clear()
         nowhere = Publisher("", "ns")
-        assert await nowhere.publish(ev.TaskOOM(container_id="c")) is False
+        assert await nowhere.publish(ev.TaskCreate(container_id="c")) is False
+        assert await nowhere.publish(ev.TaskStart(container_id="c")) is False
+        assert await nowhere.publish(ev.TaskExit(container_id="c")) is False
+        assert nowhere.dropped == 3
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.WARNING, logger="kybernate.shim"):
+        asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if "TTRPC_ADDRESS" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once, not per event
+    assert "task events are not delivered to containerd" in warnings[0] and "/tasks/create" in warnings[0]
 
 
 def test_topics():

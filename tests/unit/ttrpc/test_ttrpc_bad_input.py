@@ -126,20 +126,23 @@ def test_client_streaming_requests_are_unimplemented_and_their_data_ignored():
     run(scenario())
 
 
-def test_client_vanishing_mid_request_is_survived(caplog):
+def test_client_vanishing_mid_request_cancels_it(caplog):
     finished.clear()
 
     async def scenario():
-        async with serving([service()]) as (_, path):
+        async with serving([service()]) as (server, path):
             raw = await RawConnection.open(path)
-            raw.send_request(1, Request(SVC, "Sleep", b"0.2"))
+            raw.send_request(1, Request(SVC, "Sleep", b"0.3"))
             await asyncio.sleep(0.05)
+            assert server.requests_in_flight == 1
             raw.writer.transport.abort()
             await others_still_served(path)
-            await asyncio.sleep(0.3)
-            assert finished == [b"0.2"]  # the handler ran to its end; its answer was dropped
+            await asyncio.sleep(0.05)
+            assert server.requests_in_flight == 0  # cancelled with its connection, not left to run
+            await asyncio.sleep(0.4)
+            assert finished == []  # the handler never ran to its end
             await others_still_served(path)
 
     with caplog.at_level(logging.INFO, logger="ttrpc"):
         run(scenario())
-    assert "went away with 1 request(s) in flight" in messages(caplog)
+    assert "went away with 1 request(s) in flight: cancelling them" in messages(caplog)

@@ -6,8 +6,9 @@ from ttrpc import wire
 from ttrpc.codes import Code
 from ttrpc.messages import AnyMessage, KeyValue, Request, Response, Status
 
-request_pb2 = pytest.importorskip("proto.ttrpc.request_pb2")
-status_pb2 = pytest.importorskip("proto.google.rpc.status_pb2")
+# protobuf is a hard dependency of the project (ttrpc itself is stdlib-only): a missing one is a failure
+from proto.google.rpc import status_pb2
+from proto.ttrpc import request_pb2
 
 
 def sample_request(**changes):

@@ -12,10 +12,9 @@ from ttrpc import BlockingClient, Client, Code, ProtocolError, Server, Service, 
 from ttrpc.errors import ConnectionClosed
 from ttrpc.messages import AnyMessage
 
-from ttrpc_harness import run, serving
+from google.protobuf import empty_pb2, wrappers_pb2  # a hard dependency of the project, not of ttrpc
 
-empty_pb2 = pytest.importorskip("google.protobuf.empty_pb2")
-wrappers_pb2 = pytest.importorskip("google.protobuf.wrappers_pb2")
+from ttrpc_harness import run, serving
 
 SVC = "test.v1.Echo"
 
