@@ -35,7 +35,8 @@ The daemons it forks run as host root, so the template serves the shim binary al
   `start` that spawned it) with only ``NAMESPACE`` set per request. A `start` whose environment
   differs otherwise (containerd restarted with new settings) gets "stale": the template exits and
   a fresh one takes over.
-* Refusals are answered ``refused: <why>``, logged as an audit line (logger ``kybernate.audit``),
+* Refusals are answered ``refused: <key>=<value>: <why>``, logged as an audit line (logger
+  ``kybernate.audit``, the shape of `shim.policy.audit`'s: ``AUDIT refused ... key= value= why=``),
   the received socket closed and nothing forked. Other failures are logged, never dropped. The log
   is ``/run/kybernate/warm/<digest>.log`` (made on the first line, 0600, one rotation at 1 MiB);
   when the directory itself is unsafe the reason goes to syslog (``/dev/log``) when there is one,
@@ -70,22 +71,25 @@ PER_SHIM_ENV = b"NAMESPACE"  # the one variable containerd sets differently for 
 SO_PEERPIDFD = 77  # Linux 6.5+; pidfd_open(SO_PEERCRED's pid) before that
 
 
-def ensure_dir(path: str) -> str:
-    """Create `path` (and its parent) 0700 when missing; "" when it is safe to use, else why not."""
-    for d in (os.path.dirname(path), path):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            return f"cannot create {d}: {exc.strerror}"
-    return dir_problem(path)
-
-
 # -- the request, as the template reads it -----------------------------------------------------------
 
+MAX_SHOWN = 200
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
+
+
 class Refusal(Exception):
-    """A request the template does not serve: answered, logged as an audit line, nothing spawned."""
+    """A request the template does not serve: answered, logged as an audit line, nothing spawned.
+
+    `key` names what was refused (a request field, ``peer`` or ``request`` for its framing), `value`
+    what it said, `why` the rule it broke; the audit line has the shape of `shim.policy.audit`'s."""
+
+    def __init__(self, key: str, value: object, why: str):
+        super().__init__(f"{key}={_short(value)}: {why}")
+        self.key, self.value, self.why = key, value, why
 
 
 class Stale(Exception):
@@ -127,52 +131,54 @@ def parse_request(body: bytes, containerd_address: str, environ) -> WarmRequest:
     field and value when anything is off. `environ`: the template's own environment (bytes keys)."""
     parts = body.split(b"\0")
     if parts[0] != MAGIC:
-        raise Refusal(f"not a warm-template request (starts with {parts[0][:16]!r})")
+        raise Refusal("request", parts[0][:32].decode("ascii", "backslashreplace"),
+                      f"not a warm-template request (want {MAGIC.decode()})")
     fields: dict[str, str] = {}
     for item in parts[1:]:
         key, sep, raw = item.partition(b"=")
-        name = key.decode("ascii", "backslashreplace")
+        name = key.decode("ascii", "backslashreplace")[:64]
+        shown = raw[:64].decode("utf-8", "backslashreplace")
         if not sep or name not in REQUEST_FIELDS:
-            raise Refusal(f"unknown field {name[:64]!r} (accepted: {', '.join(REQUEST_FIELDS)})")
+            raise Refusal(name, shown, f"unknown field (accepted: {', '.join(REQUEST_FIELDS)})")
         if name in fields:
-            raise Refusal(f"field {name} given twice")
+            raise Refusal(name, shown, "given twice")
         if len(raw) > MAX_VALUE:
-            raise Refusal(f"field {name} is longer than {MAX_VALUE} bytes")
+            raise Refusal(name, shown, f"longer than {MAX_VALUE} bytes")
         try:
             fields[name] = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise Refusal(f"field {name} is not UTF-8: {raw[:64]!r}") from None
-    missing = [f for f in REQUIRED_FIELDS if not fields.get(f)]
-    if missing:
-        raise Refusal(f"missing field(s) {', '.join(missing)}")
+            raise Refusal(name, shown, "not UTF-8") from None
+    for name in REQUIRED_FIELDS:
+        if not fields.get(name):
+            raise Refusal(name, "", "missing")
     for name in ("namespace", "id"):
         problem = identifier_error(fields[name])
         if problem:
-            raise Refusal(f"{name} {fields[name]!r} {problem} (containerd's identifier rule)")
+            raise Refusal(name, fields[name], f"{problem} (containerd's identifier rule)")
     if fields["address"] != containerd_address:
-        raise Refusal(f"address {fields['address']!r} is not this template's containerd ({containerd_address!r})")
+        raise Refusal("address", fields["address"], f"not this template's containerd ({containerd_address})")
     if fields.get("debug", "0") not in ("0", "1"):
-        raise Refusal(f"debug {fields['debug']!r} is not 0 or 1")
+        raise Refusal("debug", fields["debug"], "not 0 or 1")
     for name in ("publish-binary", "TTRPC_ADDRESS", "GRPC_ADDRESS"):
         value = fields.get(name, "")
         path = value[len("unix://"):] if value.startswith("unix://") else value
         problem = path and _absolute_path_problem(path)
         if problem:
-            raise Refusal(f"{name} {value!r} {problem}")
+            raise Refusal(name, value, problem)
     for name in ("TTRPC_ADDRESS", "GRPC_ADDRESS"):
         own = os.fsdecode(environ.get(name.encode(), b""))
         if fields.get(name, "") != own:
-            raise Refusal(f"{name} {fields.get(name, '')!r} is not this template's containerd's ({own!r})")
+            raise Refusal(name, fields.get(name, ""), f"not this template's containerd's ({own!r})")
     bundle = fields["bundle"]
     problem = _absolute_path_problem(bundle)
     if problem:
-        raise Refusal(f"bundle {bundle!r} {problem}")
+        raise Refusal("bundle", bundle, problem)
     try:
         st = os.lstat(bundle)
     except OSError as exc:
-        raise Refusal(f"bundle {bundle!r}: {exc.strerror}") from None
+        raise Refusal("bundle", bundle, exc.strerror) from None
     if st.st_mode & S_IFMT != S_IFDIR:
-        raise Refusal(f"bundle {bundle!r} is not a directory")
+        raise Refusal("bundle", bundle, "not a directory")
     return WarmRequest(fields)
 
 
@@ -236,7 +242,7 @@ def read_peer(conn) -> Peer:
         try:
             pidfd = os.pidfd_open(pid)
         except OSError as exc:
-            raise Refusal(f"peer pid {pid} uid {uid}: gone before it could be checked ({exc.strerror})") from None
+            raise Refusal("peer", f"pid {pid} uid {uid}", f"gone before it could be checked ({exc.strerror})") from None
     peer = Peer(pid, uid, pidfd)
     try:
         peer.exe = os.readlink(f"/proc/{pid}/exe")
@@ -245,7 +251,7 @@ def read_peer(conn) -> Peer:
         peer.environ = exec_environ(pid)
     except OSError as exc:
         peer.close()
-        raise Refusal(f"peer pid {pid} uid {uid}: cannot read its /proc entries ({exc.strerror})") from None
+        raise Refusal("peer", f"pid {pid} uid {uid}", f"cannot read its /proc entries ({exc.strerror})") from None
     return peer
 
 
@@ -253,17 +259,17 @@ def check_peer(peer: Peer, binary: str) -> list[str]:
     """The peer's containerd flags when it is this shim's `start` run by host root; else `Refusal`."""
     who = peer.describe()
     if peer.uid != 0:
-        raise Refusal(f"peer {who}: not root")
+        raise Refusal("peer", who, "not root")
     try:
         if not same_file(f"/proc/{peer.pid}/ns/mnt", "/proc/self/ns/mnt"):
-            raise Refusal(f"peer {who}: in another mount namespace (a container?)")
+            raise Refusal("peer", who, "in another mount namespace than the template (a container?)")
         if not same_file(f"/proc/{peer.pid}/exe", "/proc/self/exe"):
-            raise Refusal(f"peer {who}: not this shim's interpreter {os.readlink('/proc/self/exe')}")
+            raise Refusal("peer", who, f"not this shim's interpreter {os.readlink('/proc/self/exe')}")
     except OSError as exc:
-        raise Refusal(f"peer {who}: cannot compare it with the template ({exc.strerror})") from None
+        raise Refusal("peer", who, f"cannot compare it with the template ({exc.strerror})") from None
     args = shim_flag_args(peer.cmdline, binary)
     if args is None:
-        raise Refusal(f"peer {who}: its command line does not run the shim binary {binary}")
+        raise Refusal("peer", who, f"its command line does not run the shim binary {binary}")
     return args
 
 
@@ -272,9 +278,9 @@ def match_request(request: WarmRequest, peer: Peer, peer_args: list[str]) -> Non
     try:
         started = parse_flags(peer_args, environ={})
     except Exception as exc:  # UsageError: not a command line containerd writes
-        raise Refusal(f"peer pid {peer.pid}: its command line has bad flags ({exc})") from None
+        raise Refusal("peer", peer.describe(), f"its command line has bad flags ({exc})") from None
     if started.action != "start":
-        raise Refusal(f"peer pid {peer.pid}: its action is {started.action!r}, not 'start'")
+        raise Refusal("peer", peer.describe(), f"its action is {started.action!r}, not 'start'")
     bundle = started.bundle or peer.cwd
     pairs = (("namespace", started.namespace, request.namespace), ("id", started.id, request.id),
              ("address", started.address, request.address),
@@ -282,11 +288,11 @@ def match_request(request: WarmRequest, peer: Peer, peer_args: list[str]) -> Non
              ("debug", started.debug, request.debug), ("bundle", bundle, request.bundle))
     for name, said, asked in pairs:
         if said != asked:
-            raise Refusal(f"peer pid {peer.pid}: request {name} {asked!r} is not its command line's {said!r}")
+            raise Refusal(name, asked, f"not what the command line of peer pid {peer.pid} says ({said!r})")
     namespace = peer.environ.get(PER_SHIM_ENV)
     if namespace is not None and os.fsdecode(namespace) != request.namespace:
-        raise Refusal(f"peer pid {peer.pid}: NAMESPACE {os.fsdecode(namespace)!r} is not -namespace "
-                      f"{request.namespace!r}")
+        raise Refusal("NAMESPACE", os.fsdecode(namespace), f"peer pid {peer.pid}'s environment says another "
+                      f"namespace than its -namespace {request.namespace!r}")
 
 
 def environment_matches(peer_environ: dict[bytes, bytes], own: dict[bytes, bytes]) -> str:
@@ -404,6 +410,18 @@ def _setup_logging(path: str | None, containerd_address: str):
     root.setLevel(logging.INFO)
     logging.raiseExceptions = False
     return handler
+
+
+def ensure_dir(path: str) -> str:
+    """Create `path` (and its parent) 0700 when missing; "" when it is safe to use, else why not."""
+    for d in (os.path.dirname(path), path):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            return f"cannot create {d}: {exc.strerror}"
+    return dir_problem(path)
 
 
 def _take_lock(path: str) -> int:
@@ -537,9 +555,9 @@ def _check_listener(fd: int) -> None:
     try:
         if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM or not s.getsockopt(
                 socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise Refusal(f"the handed-over fd is not a listening unix stream socket ({s.family!r}, {s.type!r})")
+            raise Refusal("request", f"fd of {s.family!r} {s.type!r}", "not a listening unix stream socket")
     except OSError as exc:
-        raise Refusal(f"the handed-over fd is not a socket ({exc.strerror})") from None
+        raise Refusal("request", "fd", f"not a socket ({exc.strerror})") from None
     finally:
         s.detach()
 
@@ -551,20 +569,20 @@ def _receive(conn) -> tuple[bytes, list[int]]:
     data, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST + 4, 4)
     try:
         if len(fds) != 1:
-            raise Refusal(f"expected the shim's listening socket and nothing else, got {len(fds)} fds")
+            raise Refusal("request", f"{len(fds)} fds", "want the shim's listening socket and nothing else")
         if len(data) < 4:
-            raise Refusal(f"truncated request ({len(data)} bytes)")
+            raise Refusal("request", f"{len(data)} bytes", "truncated")
         length = int.from_bytes(data[:4], "big")
         if length > MAX_REQUEST:
-            raise Refusal(f"request of {length} bytes (at most {MAX_REQUEST})")
+            raise Refusal("request", f"{length} bytes", f"longer than {MAX_REQUEST} bytes")
         body = data[4:]
         while len(body) < length:
             more = conn.recv(length - len(body))
             if not more:
-                raise Refusal(f"request cut short at {len(body)} of {length} bytes")
+                raise Refusal("request", f"{len(body)} of {length} bytes", "cut short")
             body += more
         if len(body) != length:
-            raise Refusal(f"{len(body) - length} bytes after the request")
+            raise Refusal("request", f"{len(body) - length} more bytes", "data after the request")
         _check_listener(fds[0])
     except BaseException:
         for fd in fds:
@@ -581,7 +599,7 @@ def _handle(conn, binary: str, containerd_address: str, own_environ: dict[bytes,
 
     conn.settimeout(REPLY_TIMEOUT)
     listen_fd = -1
-    peer = None
+    peer = request = None
     try:
         peer = read_peer(conn)
         peer_args = check_peer(peer, binary)
@@ -593,13 +611,14 @@ def _handle(conn, binary: str, containerd_address: str, own_environ: dict[bytes,
         request = parse_request(body, containerd_address, own_environ)
         match_request(request, peer, peer_args)
         if not peer.alive():
-            raise Refusal(f"peer pid {peer.pid} exited during the check")
+            raise Refusal("peer", peer.describe(), "exited during the check")
         peer.close()  # no daemon inherits the pidfd
         _fork_daemon(conn, request, listen_fd, handler, template_fds)
     except Refusal as refusal:
-        who = f"pid {peer.pid}" if peer is not None else "a peer"
         logging.getLogger("kybernate.audit").warning(
-            "warm template refused a request from %s: %s; nothing was started", who, refusal)
+            "AUDIT refused container=%s namespace=%s key=%s value=%s why=%s source=warm-template peer_pid=%s "
+            "(nothing was started)", request.id if request else "-", request.namespace if request else "-",
+            refusal.key, _short(refusal.value), refusal.why, peer.pid if peer else "?")
         _reply(conn, f"refused: {refusal}")
     finally:
         if peer is not None:

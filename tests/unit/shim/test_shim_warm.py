@@ -114,35 +114,41 @@ def test_request_round_trip(tmp_path):
     assert request.grpc_address == ADDRESS
 
 
-@pytest.mark.parametrize("change,why", [
-    (dict(namespace="../../etc"), "namespace '../../etc' must be letters and digits"),
-    (dict(namespace=""), "missing field(s) namespace"),
-    (dict(id="a" * 77), "longer than 76"),
-    (dict(id="x;rm"), "id 'x;rm' must be letters"),
-    (dict(address="/run/other.sock"), "is not this template's containerd"),
-    (dict(bundle="relative/dir"), "bundle 'relative/dir' is not an absolute path"),
-    (dict(bundle="/tmp/../etc"), "is not a normalized path"),
-    (dict(bundle="/nonexistent-kyb"), "bundle '/nonexistent-kyb': No such file"),
-    (dict(bundle="/etc/hostname"), "is not a directory"),
-    (dict(debug="yes"), "debug 'yes' is not 0 or 1"),
-    (dict(publish_binary="containerd"), "publish-binary 'containerd' is not an absolute path"),
-    (dict(TTRPC_ADDRESS="relative.sock"), "TTRPC_ADDRESS 'relative.sock' is not an absolute path"),
-    (dict(TTRPC_ADDRESS="/run/elsewhere.ttrpc"), "is not this template's containerd's"),
-    (dict(GRPC_ADDRESS="/run/elsewhere.sock"), "GRPC_ADDRESS '/run/elsewhere.sock' is not this template's"),
-    (dict(extra=b"\0LD_PRELOAD=/tmp/x.so"), "unknown field 'LD_PRELOAD'"),
-    (dict(extra=b"\0KYBERNATE_RUNTIME=/tmp/evil"), "unknown field 'KYBERNATE_RUNTIME'"),
-    (dict(extra=b"\0id=c2"), "field id given twice"),
-    (dict(extra=b"\0argv"), "unknown field 'argv'"),
-    (dict(id=b"\xff".decode("latin-1")), "is not UTF-8"),
-    (dict(drop=("bundle",)), "missing field(s) bundle"),
+ACCEPTED = "unknown field (accepted: namespace, id, address, publish-binary, bundle, debug, TTRPC_ADDRESS, GRPC_ADDRESS)"
+
+
+@pytest.mark.parametrize("change,key,value,why", [
+    (dict(namespace="../../etc"), "namespace", "../../etc", "must be letters and digits"),
+    (dict(namespace=""), "namespace", "", "missing"),
+    (dict(id="a" * 77), "id", "a" * 77, "longer than 76 characters (containerd's identifier rule)"),
+    (dict(id="x;rm"), "id", "x;rm", "must be letters and digits joined by single"),
+    (dict(address="/run/other.sock"), "address", "/run/other.sock", f"not this template's containerd ({ADDRESS})"),
+    (dict(bundle="relative/dir"), "bundle", "relative/dir", "is not an absolute path"),
+    (dict(bundle="/tmp/../etc"), "bundle", "/tmp/../etc", "is not a normalized path"),
+    (dict(bundle="/nonexistent-kyb"), "bundle", "/nonexistent-kyb", "No such file or directory"),
+    (dict(bundle="/etc/hostname"), "bundle", "/etc/hostname", "not a directory"),
+    (dict(debug="yes"), "debug", "yes", "not 0 or 1"),
+    (dict(publish_binary="containerd"), "publish-binary", "containerd", "is not an absolute path"),
+    (dict(TTRPC_ADDRESS="relative.sock"), "TTRPC_ADDRESS", "relative.sock", "is not an absolute path"),
+    (dict(TTRPC_ADDRESS="/run/elsewhere.ttrpc"), "TTRPC_ADDRESS", "/run/elsewhere.ttrpc",
+     "not this template's containerd's"),
+    (dict(GRPC_ADDRESS="/run/elsewhere.sock"), "GRPC_ADDRESS", "/run/elsewhere.sock", "not this template's"),
+    (dict(extra=b"\0LD_PRELOAD=/tmp/x.so"), "LD_PRELOAD", "/tmp/x.so", ACCEPTED),
+    (dict(extra=b"\0KYBERNATE_RUNTIME=/tmp/evil"), "KYBERNATE_RUNTIME", "/tmp/evil", ACCEPTED),
+    (dict(extra=b"\0id=c2"), "id", "c2", "given twice"),
+    (dict(extra=b"\0argv"), "argv", "", ACCEPTED),
+    (dict(id="\xff"), "id", "\\xff", "not UTF-8"),
+    (dict(drop=("bundle",)), "bundle", "", "missing"),
 ])
-def test_bad_requests_are_refused_naming_field_and_value(tmp_path, change, why):
+def test_bad_requests_are_refused_naming_field_and_value(tmp_path, change, key, value, why):
     body = _body(tmp_path, **change)
-    if "id" in change and change["id"] == "\xff":
+    if change.get("id") == "\xff":
         body = body.replace("id=\xff".encode("utf-8"), b"id=\xff")
     with pytest.raises(Refusal) as info:
         template.parse_request(body, ADDRESS, OWN_ENV)
-    assert why in str(info.value)
+    assert (info.value.key, info.value.value) == (key, value)
+    assert why in info.value.why
+    assert str(info.value).startswith(f"{key}={value!r}: ")
 
 
 def test_the_old_argv_request_is_refused(tmp_path):
@@ -154,7 +160,7 @@ def test_the_old_argv_request_is_refused(tmp_path):
 def test_a_symlinked_bundle_is_refused(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    with pytest.raises(Refusal, match="is not a directory"):
+    with pytest.raises(Refusal, match="link': not a directory"):
         template.parse_request(_body(tmp_path, bundle=str(tmp_path / "link")), ADDRESS, OWN_ENV)
 
 
@@ -185,18 +191,20 @@ def test_the_request_must_match_the_peers_command_line(tmp_path):
     peer.cwd = str(bundle)
     args = ["-namespace", "k8s.io", "-address", ADDRESS, "-publish-binary", "/usr/bin/containerd", "-id", "c1", "start"]
     template.match_request(request, peer, args)
-    for bad, why in ((["-namespace", "k8s.io", "-id", "c2", "-address", ADDRESS, "start"], "request id 'c1'"),
+    for bad, why in ((["-namespace", "k8s.io", "-id", "c2", "-address", ADDRESS, "start"],
+                      "id='c1': not what the command line of peer pid 1 says ('c2')"),
                      (args[:-1] + ["delete"], "its action is 'delete'"),
                      (["-nope"] + args, "bad flags"),
-                     (args[:-1] + ["-debug", "start"], "request debug False")):
-        with pytest.raises(Refusal, match=why):
+                     (args[:-1] + ["-debug", "start"], "debug=False: not what the command line")):
+        with pytest.raises(Refusal) as info:
             template.match_request(request, peer, bad)
+        assert why in str(info.value)
     peer.cwd = str(tmp_path)
-    with pytest.raises(Refusal, match="request bundle"):
+    with pytest.raises(Refusal, match=f"bundle='{bundle}': not what the command line of peer pid 1 says"):
         template.match_request(request, peer, args)
     peer.cwd = str(bundle)
     peer.environ = {b"NAMESPACE": b"default"}
-    with pytest.raises(Refusal, match="NAMESPACE 'default' is not -namespace 'k8s.io'"):
+    with pytest.raises(Refusal, match="NAMESPACE='default': peer pid 1's environment says another namespace"):
         template.match_request(request, peer, args)
 
 
@@ -404,31 +412,40 @@ def test_template_refuses_and_audits_foreign_peers_and_bad_requests_then_serves_
     c.settimeout(10)
     reply = c.recv(4096).decode()
     c.close()
-    assert reply.startswith("refused: peer pid") and "does not run the shim binary" in reply
-    assert "logger=kybernate.audit" in t.log() and "nothing was started" in t.log()
+    assert reply.startswith(f"refused: peer='pid {os.getpid()} uid 0 exe {os.path.realpath(sys.executable)}")
+    assert reply.endswith(f"its command line does not run the shim binary {t.script}\n")
+    audit = [line for line in t.log().splitlines() if "logger=kybernate.audit" in line]
+    assert len(audit) == 1 and "AUDIT refused container=- namespace=- key=peer value='pid" in audit[0]
+    assert "why=its command line does not run the shim binary" in audit[0] and "(nothing was started)" in audit[0]
     assert t.children() == []
     # 2. the shim binary with a request that says more than containerd's flags
     reply = t.start(t.body(extra=b"\0LD_PRELOAD=/tmp/evil.so"))
-    assert reply == "refused: unknown field 'LD_PRELOAD' (accepted: namespace, id, address, publish-binary, " \
-                    "bundle, debug, TTRPC_ADDRESS, GRPC_ADDRESS)"
+    assert reply == "refused: LD_PRELOAD='/tmp/evil.so': unknown field (accepted: namespace, id, address, " \
+                    "publish-binary, bundle, debug, TTRPC_ADDRESS, GRPC_ADDRESS)"
     # 3. a request for another container than the command line's
     reply = t.start(t.body(cid="other"), cid="c1")
-    assert reply.startswith("refused:") and "request id 'other' is not its command line's 'c1'" in reply
+    assert reply.startswith("refused: id='other': not what the command line of peer pid") and "('c1')" in reply
     # 4. a bundle that is not the working directory containerd gave
     elsewhere = run_dir / "elsewhere"
     elsewhere.mkdir()
     reply = t.start(t.body(bundle=elsewhere))
-    assert reply.startswith("refused:") and "request bundle" in reply
+    assert reply.startswith(f"refused: bundle='{elsewhere}': not what the command line of peer pid")
     audit = [line for line in t.log().splitlines() if "logger=kybernate.audit" in line]
     assert len(audit) == 4, t.log()
+    assert "AUDIT refused container=other namespace=k8s.io key=id value='other'" in audit[2]
     assert t.children() == [] and t.proc.poll() is None
     # 5. the shim's own request: a daemon, whose command line is containerd's flags
     reply = t.start(t.body(cid="good"), cid="good")
     assert reply.isdigit(), reply
     daemon = int(reply)
     try:
-        with open(f"/proc/{daemon}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")[:-1]
+        deadline = time.monotonic() + 10
+        while True:  # the pid comes back as the daemon is forked; it shows its own command line soon after
+            with open(f"/proc/{daemon}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")[:-1]
+            if b"-id" in args or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         assert args[0] == str(t.script).encode() and args[args.index(b"-id") + 1] == b"good"
         assert os.readlink(f"/proc/{daemon}/cwd") == str(run_dir / "bundle")
         with open(f"/proc/{daemon}/environ", "rb") as f:
