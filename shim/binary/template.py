@@ -54,10 +54,17 @@ Imports: `cli` runs it (action ``warm``); it imports `warm` (names, request form
 """
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+import signal
+import socket
+import struct
 import sys
+import time
 
-from shim.binary.flags import MODULE_COMMAND, Flags, identifier_error, parse_flags
+from shim.binary.flags import (MODULE_COMMAND, RUNTIME_NAME, Flags, UsageError, binary_command, identifier_error,
+                               parse_flags)
 from shim.binary.warm import (MAGIC, REPLY_TIMEOUT, REQUEST_FIELDS, S_IFDIR, S_IFMT, boot_socket,
                               dir_problem, exec_environ, lock_path, log_path, same_file, template_socket)
 
@@ -86,7 +93,6 @@ class Refusal(Exception):
 
     `key` names what was refused (a request field, ``peer`` or ``request`` for its framing), `value`
     what it said, `why` the rule it broke; the audit line has the shape of `shim.policy.audit`'s."""
-
     def __init__(self, key: str, value: object, why: str):
         super().__init__(f"{key}={_short(value)}: {why}")
         self.key, self.value, self.why = key, value, why
@@ -205,7 +211,6 @@ class Peer:
             self.pidfd = -1
 
     def alive(self) -> bool:
-        import signal
 
         try:
             signal.pidfd_send_signal(self.pidfd, 0)
@@ -231,9 +236,6 @@ def _read_proc(pid: int, name: str) -> bytes:
 
 def read_peer(conn) -> Peer:
     """SO_PEERCRED and a pidfd for the peer, then its /proc entries (a `Refusal` when unreadable)."""
-    import socket
-    import struct
-
     pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                          struct.calcsize("3i")))
     try:
@@ -277,7 +279,7 @@ def match_request(request: WarmRequest, peer: Peer, peer_args: list[str]) -> Non
     """The request must say what the peer's own command line and working directory say."""
     try:
         started = parse_flags(peer_args, environ={})
-    except Exception as exc:  # UsageError: not a command line containerd writes
+    except UsageError as exc:  # not a command line containerd writes
         raise Refusal("peer", peer.describe(), f"its command line has bad flags ({exc})") from None
     if started.action != "start":
         raise Refusal("peer", peer.describe(), f"its action is {started.action!r}, not 'start'")
@@ -295,8 +297,9 @@ def match_request(request: WarmRequest, peer: Peer, peer_args: list[str]) -> Non
                       f"namespace than its -namespace {request.namespace!r}")
 
 
-def environment_matches(peer_environ: dict[bytes, bytes], own: dict[bytes, bytes]) -> str:
-    """"" when the peer runs with the template's environment (but for NAMESPACE), else the first difference."""
+def environment_difference(peer_environ: dict[bytes, bytes], own: dict[bytes, bytes]) -> str:
+    """The first variable (but NAMESPACE) in which the peer's environment differs from the
+    template's, as a phrase; "" when there is none."""
     for key in sorted(set(peer_environ) | set(own)):
         if key == PER_SHIM_ENV:
             continue
@@ -351,59 +354,51 @@ def _preload() -> None:
         pass
 
 
-def _log_file_handler(path: str):
-    """A logging handler appending to the template's log file: opened on the first line (most
-    templates never log), 0600, links not followed, rotated once at `LOG_ROTATE_BYTES`. Defined here
-    so that `start`, which imports this module, does not import logging."""
-    import logging
+class LogFileHandler(logging.Handler):
+    """Appends to the template's log file: opened on the first line (most templates never log),
+    0600, links not followed, rotated once at `LOG_ROTATE_BYTES`."""
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.fd = -1
 
-    class LogFileHandler(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__()
+    def _open(self) -> None:
+        if self.fd >= 0:
+            if os.fstat(self.fd).st_size < LOG_ROTATE_BYTES:
+                return
+            os.close(self.fd)
             self.fd = -1
+            os.replace(self.path, self.path + ".1")
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
-        def _open(self) -> None:
-            if self.fd >= 0:
-                if os.fstat(self.fd).st_size < LOG_ROTATE_BYTES:
-                    return
-                os.close(self.fd)
-                self.fd = -1
-                os.replace(path, path + ".1")
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._open()
+            os.write(self.fd, self.format(record).encode("utf-8", "replace"))
+        except Exception:
+            self.handleError(record)
 
-        def emit(self, record) -> None:
-            try:
-                self._open()
-                os.write(self.fd, self.format(record).encode("utf-8", "replace"))
-            except Exception:
-                self.handleError(record)
-
-        def close(self) -> None:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
-            super().close()
-
-    return LogFileHandler()
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        super().close()
 
 
 def _setup_logging(path: str | None, containerd_address: str):
     """Root logger -> the template's log file (or syslog when `path` is None); returns the handler."""
-    import logging
-
     from shim.binary.daemon import LogrusFormatter
-    from shim.binary.flags import RUNTIME_NAME
 
     formatter = LogrusFormatter({"runtime": RUNTIME_NAME, "warm": "template", "address": containerd_address})
     if path is None:
-        import logging.handlers
+        from logging.handlers import SysLogHandler
 
         if not os.path.exists("/dev/log"):
             return None
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler = SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("containerd-shim-kybernate-v1 warm template: %(message)s"))
     else:
-        handler = _log_file_handler(path)
+        handler = LogFileHandler(path)
         handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -426,8 +421,6 @@ def ensure_dir(path: str) -> str:
 
 def _take_lock(path: str) -> int:
     """An exclusive flock on `path` that is still the file at `path`; -1 when another holds it."""
-    import fcntl
-
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -456,11 +449,6 @@ def _bind_fresh(sock, path: str) -> None:
 
 def serve(flags: Flags) -> int:
     """The ``warm`` action: become the template for containerd `flags.address`."""
-    import logging
-    import signal
-    import socket
-    import time
-
     binary = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     path = template_socket(flags.address, binary)
     os.chdir("/")  # not the first container's bundle, which containerd removes
@@ -527,8 +515,6 @@ def serve(flags: Flags) -> int:
 
 
 def _containerd_alive(address: str) -> bool:
-    import socket
-
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(1)
@@ -549,23 +535,20 @@ def _reply(conn, text: str) -> None:
 
 def _check_listener(fd: int) -> None:
     """The handed-over fd must be a listening unix stream socket (the shim's)."""
-    import socket
-
-    s = socket.socket(fileno=fd)
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise Refusal("request", "fd", f"not a socket ({exc.strerror})") from None
     try:
         if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM or not s.getsockopt(
                 socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise Refusal("request", f"fd of {s.family!r} {s.type!r}", "not a listening unix stream socket")
-    except OSError as exc:
-        raise Refusal("request", "fd", f"not a socket ({exc.strerror})") from None
     finally:
         s.detach()
 
 
 def _receive(conn) -> tuple[bytes, list[int]]:
     """One request: a 4-byte length, the body, and exactly one fd (closed again on any error)."""
-    import socket
-
     data, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST + 4, 4)
     try:
         if len(fds) != 1:
@@ -595,15 +578,13 @@ def _handle(conn, binary: str, containerd_address: str, own_environ: dict[bytes,
             template_fds: list[int]) -> None:
     """Serve one connection: check the peer, read and check its request, fork its daemon; a
     `Refusal` is answered and audited, `Stale` and other errors go up to the loop."""
-    import logging
-
     conn.settimeout(REPLY_TIMEOUT)
     listen_fd = -1
     peer = request = None
     try:
         peer = read_peer(conn)
         peer_args = check_peer(peer, binary)
-        difference = environment_matches(peer.environ, own_environ)
+        difference = environment_difference(peer.environ, own_environ)
         if difference:
             raise Stale(f"containerd's environment changed ({difference}): a fresh template takes over")
         body, fds = _receive(conn)
@@ -628,8 +609,8 @@ def _handle(conn, binary: str, containerd_address: str, own_environ: dict[bytes,
 
 
 def _fork_daemon(conn, request: WarmRequest, listen_fd: int, handler, template_fds: list[int]) -> None:
-    import logging
-
+    """Fork twice: the grandchild becomes the daemon, the child reports its pid and exits, so the
+    daemon is nobody's child here (re-parented to containerd's subreaper or init), as an exec'd one."""
     pid = os.fork()
     if pid == 0:  # child: fork the daemon, report its pid, vanish (the daemon is re-parented)
         try:
@@ -639,7 +620,7 @@ def _fork_daemon(conn, request: WarmRequest, listen_fd: int, handler, template_f
             try:
                 conn.sendall(f"{daemon_pid}\n".encode())
             except OSError:
-                os.kill(daemon_pid, 9)  # start gave up on us and went cold: one daemon per socket
+                os.kill(daemon_pid, signal.SIGKILL)  # start gave up on us and went cold: one daemon per socket
                 logging.getLogger("kybernate.warm").warning(
                     "warm template: start for %s gave up before the reply; daemon %d killed", request.id, daemon_pid)
             os._exit(0)
@@ -697,11 +678,6 @@ def set_cmdline(argv: list[str]) -> bool:
 
 def _become_daemon(request: WarmRequest, listen_fd: int, close: list[int], handler) -> None:
     """In the grandchild: shed the template, become the daemon for `request`, never return."""
-    import logging
-    import signal
-
-    from shim.binary.flags import binary_command
-
     code = 1
     try:
         os.setsid()

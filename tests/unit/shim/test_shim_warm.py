@@ -166,9 +166,9 @@ def test_a_symlinked_bundle_is_refused(tmp_path):
 
 def test_environment_differences_but_namespace():
     own = {b"PATH": b"/bin", b"NAMESPACE": b"default", b"KYBERNATE_RUNTIME": b"/usr/bin/runc"}
-    assert template.environment_matches({**own, b"NAMESPACE": b"k8s.io"}, own) == ""
-    assert template.environment_matches({b"PATH": b"/bin", b"NAMESPACE": b"x"}, own) == "KYBERNATE_RUNTIME differs"
-    assert template.environment_matches({**own, b"LD_PRELOAD": b"/x.so"}, own) == "LD_PRELOAD differs"
+    assert template.environment_difference({**own, b"NAMESPACE": b"k8s.io"}, own) == ""
+    assert template.environment_difference({b"PATH": b"/bin", b"NAMESPACE": b"x"}, own) == "KYBERNATE_RUNTIME differs"
+    assert template.environment_difference({**own, b"LD_PRELOAD": b"/x.so"}, own) == "LD_PRELOAD differs"
 
 
 def test_shim_command_lines():
@@ -534,3 +534,21 @@ def test_start_hands_its_socket_only_to_root_in_its_mount_namespace(warm_dir, ho
         squatter.kill()
         squatter.wait()
         shim_socket.close()
+
+
+@needs_root
+def test_a_template_in_an_unsafe_directory_does_not_start(run_dir):
+    unsafe = run_dir / "warm"
+    unsafe.mkdir(0o755)
+    unsafe.chmod(0o755)
+    script = run_dir / "containerd-shim-kybernate-v1"
+    script.write_text("")
+    r = subprocess.run([sys.executable, "-c", (
+        "import sys; from shim.binary import template, warm; from shim.binary.flags import Flags; "
+        f"warm.WARM_DIR = {str(unsafe)!r}; sys.argv = [{str(script)!r}]; "
+        f"sys.exit(template.serve(Flags(address={str(run_dir / 'containerd.sock')!r})))")],
+        capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert list(unsafe.iterdir()) == []  # nothing bound, no lock, no log in a directory others may read
+    if not os.path.exists("/dev/log"):  # no syslog: the reason goes to stderr (/dev/null under containerd)
+        assert f"{unsafe} has mode 0755" in r.stderr and "every shim starts cold" in r.stderr
