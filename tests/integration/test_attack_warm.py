@@ -124,15 +124,14 @@ def _old_request(argv: list[str], cwd: str, env: dict[str, str]) -> bytes:
     return b"\0".join(parts)
 
 
-def _evil_bundle(bundle: Path, script_host_path: str, marker: Path) -> dict[str, bytes | tuple]:
-    """A bundle whose kybernate.json names a script as the OCI runtime; the script writes `marker`."""
-    files = {
-        "kybernate.json": json.dumps({"binary": script_host_path, "root": str(marker) + "-root"}).encode(),
+def _evil_bundle(script_host_path: str, marker: Path) -> dict[str, tuple[bytes, int]]:
+    """The files of a bundle whose kybernate.json names a script as the OCI runtime (the old template
+    ran `delete` with it as host root); the script writes `marker`."""
+    return {
+        "kybernate.json": (json.dumps({"binary": script_host_path, "root": str(marker) + "-root"}).encode(), 0o644),
         "runtime.sh": (f"#!/bin/sh\necho pwned by $0 \"$@\" >> {marker}\n".encode(), 0o755),
-        "config.json": b"{}",
+        "config.json": (b"{}", 0o644),
     }
-    bundle.mkdir(parents=True, exist_ok=True)
-    return files
 
 
 def _requests(cd: Containerd, bundle: str, script: str, cwd: str) -> tuple[bytes, bytes]:
@@ -213,8 +212,7 @@ def test_a_host_network_root_container_cannot_reach_the_warm_template(containerd
     rootfs = cd.state / "io.containerd.runtime.v2.task" / cd.namespace / cid / "rootfs"
     evil_host = rootfs / "evil"  # where the container's /evil is, seen from the host
     old, new = _requests(cd, str(evil_host), str(evil_host / "runtime.sh"), str(evil_host))
-    files = {f"/evil/{name}": spec for name, spec in
-             _evil_bundle(Path("/nonexistent"), str(evil_host / "runtime.sh"), marker).items()}
+    files = {f"/evil/{name}": spec for name, spec in _evil_bundle(str(evil_host / "runtime.sh"), marker).items()}
     files.update({"/attack/client": client, "/attack/run.sh": RUN_SH, "/attack/request.old": old,
                   "/attack/request.new": new})
     ref = cd.import_image(f"docker.io/kybernate/attacker:{token}", extra_files=files)
@@ -254,8 +252,8 @@ def test_host_root_processes_that_are_not_the_shim_get_nothing_spawned(container
     audit_before = len(_audit_lines(template))
     marker = Path("/run") / f"kybattack-{token}.marker"
     evil = tmp_path / "evil"
-    for name, spec in _evil_bundle(evil, str(evil / "runtime.sh"), marker).items():
-        data, mode = spec if isinstance(spec, tuple) else (spec, 0o644)
+    evil.mkdir()
+    for name, (data, mode) in _evil_bundle(str(evil / "runtime.sh"), marker).items():
         (evil / name).write_bytes(data)
         (evil / name).chmod(mode)
     old, new = _requests(cd, str(evil), str(evil / "runtime.sh"), str(evil))
