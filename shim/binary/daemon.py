@@ -3,6 +3,9 @@
 It is a child subreaper (container processes are re-parented to it), logs to the bundle's ``log``
 fifo in containerd's logrus text format, publishes events to $TTRPC_ADDRESS and exits after Shutdown
 (or a while after its last task was deleted, or on SIGTERM/SIGINT).
+
+It is exec'd by `start` (cold) or forked by the warm template (`shim.binary.warm`), which imports
+this module; so this module imports neither of them, nor `cli` (the plan is in `shim.binary.flags`).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import signal
 import socket
 import time
 
-from shim.binary.cli import RUNTIME_NAME, Flags
+from shim.binary.flags import RUNTIME_NAME, Flags
 
 log = logging.getLogger("kybernate.shim")
 
@@ -23,8 +26,14 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
 
 
+AUDIT_LOGGER = "kybernate.audit"
+
+
 class LogrusFormatter(logging.Formatter):
-    """``time="..." level=info msg="..." key=value``: what containerd's own logs look like."""
+    """``time="..." level=info msg="..." key=value``: what containerd's own logs look like.
+
+    Lines of the audit logger (refusals of untrusted input) also carry ``logger=kybernate.audit``,
+    so that they can be picked out of containerd's log."""
 
     LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
               logging.ERROR: "error", logging.CRITICAL: "fatal"}
@@ -41,7 +50,8 @@ class LogrusFormatter(logging.Formatter):
         if record.exc_info:
             msg += "\n" + self.formatException(record.exc_info)
         level = self.LEVELS.get(record.levelno, "info")
-        return f"time={_quote(stamp)} level={level} msg={_quote(msg)} {self.fields}\n"
+        audit = f" logger={AUDIT_LOGGER}" if record.name == AUDIT_LOGGER else ""
+        return f"time={_quote(stamp)} level={level} msg={_quote(msg)}{audit} {self.fields}\n"
 
 
 class FdHandler(logging.Handler):
@@ -87,9 +97,9 @@ def setup_logging(flags: Flags) -> None:
 
 def _listener(flags: Flags) -> socket.socket:
     if flags.socket:  # -socket PATH: bind it ourselves (no `start` handed one over)
-        from shim.binary.manager import _bind
+        from shim.binary.sockets import bind_unix
 
-        raw = _bind(flags.socket if flags.socket.startswith("unix://") else "unix://" + flags.socket)
+        raw = bind_unix(flags.socket if flags.socket.startswith("unix://") else "unix://" + flags.socket)
         return socket.socket(fileno=raw.detach())
     return socket.socket(fileno=3)
 

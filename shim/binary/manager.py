@@ -9,6 +9,9 @@ session with the listening socket as fd 3), records the address in the bundle an
 normal shim exit and waits for it): force-delete the container with the OCI runtime, unmount the
 rootfs and report exit status 137, as containerd's runc shim does. When the daemon already deleted
 the container cleanly it left a mark in the bundle, and there is nothing to force.
+
+Imported by `cli` only; imports `warm` (lazily, in `start`) and never `cli` or `daemon` (the plan is
+in `shim.binary.flags`).
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import os
 import sys
 
 from fsutil.atomic import atomic_write
-from shim.binary.cli import RUNTIME_NAME, VERSION, Flags
+from shim.binary.flags import RUNTIME_NAME, VERSION, Flags, binary_command
+from shim.binary.sockets import EADDRINUSE, bind_unix, can_connect, remove_socket, socket_path
 from shim.bundle import (ADDRESS_FILE, DELETED_MARK, INIT_PID_FILE, ROOTFS_DIR, RUNC_ROOT, SHIM_PID_FILE,
                          SPEC_FILE, STATE_FILE)
 
@@ -27,7 +31,6 @@ GROUP_ANNOTATIONS = (
     "io.containerd.runc.v2.group",
     "io.kubernetes.cri.sandbox-id",
 )
-EADDRINUSE = 98
 
 
 def _err(msg: str) -> None:
@@ -68,63 +71,11 @@ def socket_address(containerd_address: str, namespace: str, group: str, debug: b
     return f"unix://{SOCKET_DIR}/{sha256(path.encode()).hexdigest()}"
 
 
-def socket_path(address: str) -> str:
-    if address.startswith("unix://"):
-        return address[len("unix://"):]
-    return "\0" + address  # abstract socket
-
-
-def can_connect(address: str, timeout: float = 0.1) -> bool:
-    import _socket
-
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(socket_path(address))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def _bind(address: str):
-    import _socket
-
-    path = socket_path(address)
-    if not path.startswith("\0"):
-        os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        s.bind(path)
-        if not path.startswith("\0"):
-            os.chmod(path, 0o600)
-        s.listen(128)
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def _binary() -> list[str]:
-    argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    if not argv0 or argv0.endswith(".py") or not os.access(argv0, os.X_OK):
-        return [sys.executable, "-m", "shim.binary.cli"]
-    return [argv0]
-
-
 def _daemon_argv(flags: Flags, action: str = "") -> list[str]:
-    args = _binary() + ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
-    if flags.publish_binary:
-        args += ["-publish-binary", flags.publish_binary]
-    if flags.debug:
-        args.append("-debug")
-    if action:
-        args.append(action)
-    return args
+    return binary_command() + flags.daemon_args(action)
 
 
-def _spawn(argv: list[str], listen_fd: int | None) -> int:
+def _spawn(argv: list[str], listen_fd: int | None, env=None) -> int:
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
@@ -135,7 +86,8 @@ def _spawn(argv: list[str], listen_fd: int | None) -> int:
             os.set_inheritable(listen_fd, True)
         else:
             actions.append((os.POSIX_SPAWN_DUP2, listen_fd, 3))
-    return os.posix_spawn(argv[0], argv, dict(os.environ), file_actions=actions, setsid=True)
+    return os.posix_spawn(argv[0], argv, dict(os.environ) if env is None else env, file_actions=actions,
+                          setsid=True)
 
 
 def _start_daemon(flags: Flags, listen_fd: int) -> int:
@@ -145,14 +97,16 @@ def _start_daemon(flags: Flags, listen_fd: int) -> int:
     if not warm.enabled():
         return _spawn(_daemon_argv(flags), listen_fd)
     path = warm.template_socket(flags.address, os.path.abspath(sys.argv[0]))
-    pid = warm.request_daemon(path, _daemon_argv(flags), listen_fd)
+    pid = warm.request_daemon(path, warm.encode_request(flags, flags.bundle_path), listen_fd)
     if pid > 0:
         return pid
     pid = _spawn(_daemon_argv(flags), listen_fd)
     os.set_inheritable(listen_fd, False)  # the template must not hold this container's socket
     if not warm.template_coming(path):  # one template at a time (20 containers at once)
         try:
-            _spawn(_daemon_argv(flags, "warm"), None)  # for the next container
+            # containerd's environment as it reached us (not Python's view of it, which may add
+            # LC_CTYPE): the template compares it with each later `start`'s
+            _spawn(_daemon_argv(flags, "warm"), None, warm.exec_environ())  # for the next container
         except OSError:
             pass
     return pid
@@ -276,7 +230,7 @@ def start(flags: Flags) -> int:
     group = grouping_id(bundle, flags.id)
     address = socket_address(flags.address, flags.namespace, group)
     try:
-        listener = _bind(address)
+        listener = bind_unix(address)
     except OSError as exc:
         if exc.errno != EADDRINUSE:
             _err(f"start {flags.id}: create shim socket {address}: {exc}")
@@ -288,7 +242,7 @@ def start(flags: Flags) -> int:
             return 0
         try:
             os.unlink(socket_path(address))
-            listener = _bind(address)
+            listener = bind_unix(address)
         except OSError as exc2:
             _err(f"start {flags.id}: create shim socket {address} after removing a stale one: {exc2}")
             return 1
@@ -298,7 +252,7 @@ def start(flags: Flags) -> int:
         pid = _start_daemon(flags, listener.fileno())
     except OSError as exc:
         listener.close()
-        _remove_socket(address)
+        remove_socket(address)
         _err(f"start {flags.id}: start shim daemon: {exc}")
         return 1
     listener.close()
@@ -313,7 +267,7 @@ def start(flags: Flags) -> int:
             os.kill(pid, 9)
         except OSError:
             pass
-        _remove_socket(address)
+        remove_socket(address)
         _err(f"start {flags.id}: {exc}")
         return 1
     sys.stdout.write(bootstrap_output(address))
@@ -334,15 +288,6 @@ def _read_stdin_options():
         return parse_marshalled_any(data)
     except (OSError, OptionsError):
         return RuntimeOptions()
-
-
-def _remove_socket(address: str) -> None:
-    path = socket_path(address)
-    if not path.startswith("\0"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def read_state(bundle: str) -> dict:
@@ -373,7 +318,7 @@ def delete(flags: Flags) -> int:
         with open(os.path.join(bundle, ADDRESS_FILE)) as f:
             address = f.read().strip()
         if address and not can_connect(address):
-            _remove_socket(address)
+            remove_socket(address)
     except OSError:
         pass
 

@@ -711,15 +711,8 @@ def test_warm_template_forks_daemons_and_steps_aside_when_stale(tmp_path):
 
     try:
         start("first")  # cold: exec'd daemon, and a template on its way
-        def template_up() -> bool:
-            probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
-            try:
-                probe.connect(template_path)
-                return True
-            except OSError:
-                return False
-            finally:
-                probe.close()
+        def template_up() -> bool:  # without connecting: a connection from here is refused and audited
+            return os.path.exists(template_path) and warm.template_coming(template_path)
 
         deadline = time.monotonic() + 30
         while not template_up() and time.monotonic() < deadline:
@@ -757,8 +750,15 @@ def test_warm_template_forks_daemons_and_steps_aside_when_stale(tmp_path):
                     c.call(V2, "Shutdown", api.ShutdownRequest(id="x"), empty_pb2.Empty, timeout=5)
             except (TTRPCError, OSError):
                 pass
-        for pid in _pids_with("-address", address):
-            os.kill(pid, signal.SIGKILL)
+        left = _pids_with("-address", address)
+        for pid in left:  # SIGTERM first: a template removes its socket files on the way out
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while any(_pid_alive(p) for p in left) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in left:
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
         fake_containerd.close()
         shutil.rmtree(run_dir, ignore_errors=True)
 

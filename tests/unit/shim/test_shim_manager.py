@@ -93,7 +93,7 @@ def test_runtime_info_encoding():
 def test_delete_action_without_a_shim(tmp_path, capsysbinary):
     """containerd's cleanup on a bundle whose shim is gone: exit 137 and a parseable response."""
     from proto.containerd.task.v2 import shim_pb2
-    from shim.binary.cli import Flags
+    from shim.binary.flags import Flags
 
     (tmp_path / "init.pid").write_text("4242")
     (tmp_path / bundle.DELETED_MARK).write_text("")   # the daemon deleted it cleanly
