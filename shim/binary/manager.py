@@ -277,17 +277,21 @@ def start(flags: Flags) -> int:
 def _read_stdin_options():
     """The runtime options containerd writes on stdin (only ShimCgroup matters to `start`).
 
-    Undecodable options are not `start`'s business (the runc shim ignores them too); Create reports
-    them, naming the container."""
+    Options that do not decode fail `start` with a ValueError naming them, as containerd's runc shim
+    fails its start ("failed to read runtime options"): a ShimCgroup dropped in silence would leave the
+    shim in containerd's cgroup. No stdin (a terminal, or nothing written) means no options."""
     from shim.runtime.options import OptionsError, RuntimeOptions, parse_marshalled_any
 
     try:
         if os.isatty(0):
             return RuntimeOptions()
         data = os.read(0, 1 << 20)
-        return parse_marshalled_any(data)
-    except (OSError, OptionsError):
+    except OSError:
         return RuntimeOptions()
+    try:
+        return parse_marshalled_any(data)
+    except OptionsError as exc:
+        raise ValueError(f"runtime options on stdin do not decode ({len(data)} bytes): {exc}") from exc
 
 
 def read_state(bundle: str) -> dict:

@@ -114,3 +114,22 @@ def test_info_flag_prints_runtime_info(capsysbinary):
 def test_bootstrap_output_asks_the_parent_when_containerd_says_2():
     # our parent here is pytest's python, not containerd: the bare address everyone accepts
     assert manager.bootstrap_output("unix:///x", {"MAX_SHIM_VERSION": "2"}) == "unix:///x"
+
+
+def test_runtime_options_on_stdin_that_do_not_decode_fail_start():
+    """containerd's runc shim fails its start on undecodable options; a ShimCgroup dropped in silence
+    would leave the shim in containerd's own cgroup (issue #14)."""
+    import subprocess
+    import sys
+
+    from proto.anyutil import pack
+    from proto.containerd.runc.v1 import options_pb2
+
+    code = "from shim.binary.manager import _read_stdin_options as r; print(repr(r().shim_cgroup))"
+    good = pack(options_pb2.Options(shim_cgroup="/kyb/pod1")).SerializeToString()
+    ok = subprocess.run([sys.executable, "-c", code], input=good, capture_output=True, timeout=30)
+    assert ok.returncode == 0 and ok.stdout.strip() == b"'/kyb/pod1'", ok.stderr
+    empty = subprocess.run([sys.executable, "-c", code], input=b"", capture_output=True, timeout=30)
+    assert empty.returncode == 0 and empty.stdout.strip() == b"''", empty.stderr
+    bad = subprocess.run([sys.executable, "-c", code], input=b"\x0a\xff\xff\xff", capture_output=True, timeout=30)
+    assert bad.returncode != 0 and b"runtime options on stdin do not decode" in bad.stderr
