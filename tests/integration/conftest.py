@@ -9,7 +9,8 @@
 - `containerd_factory`: `factory(version) -> Containerd` started in this test's tmp dir and stopped
   (and checked for leftovers) at its end, for tests that restart or break containerd.
 Every test under tests/integration is marked `integration`. A failing test that used `containerd`
-gets the tail of containerd's debug log in its report.
+gets the tail of containerd's debug log in its report. A test's `record_property("timings", line)`
+lines are shown in the terminal summary (pass or fail, without -s): the soak's and the fuzz run's numbers.
 """
 
 from __future__ import annotations
@@ -110,3 +111,17 @@ def pytest_runtest_makereport(item, call):
         cd = getattr(item, "funcargs", {}).get("containerd")
         if isinstance(cd, Containerd):
             report.sections.append((f"containerd {cd.version} log (tail)", cd.log_tail(60)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) != "call":
+                continue
+            lines += [f"{report.nodeid}: {value}" for name, value in getattr(report, "user_properties", ())
+                      if name == "timings"]
+    if lines:
+        terminalreporter.write_sep("-", "timings")
+        for line in lines:
+            terminalreporter.write_line(line)
