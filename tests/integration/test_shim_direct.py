@@ -124,7 +124,9 @@ def make_bundle(root: Path, cid: str, args: list[str], cgroup_parent: str, env: 
 class DirectShim:
     """One shim started with `start` like containerd does, a ttrpc client, and cleanup."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, log_file: bool = False):
+        """log_file: the shim logs into shimhome/log (its bundle's `log`, a fifo under containerd),
+        read by `log_text`; without it the log goes to the daemon's stderr, /dev/null."""
         self.token = secrets.token_hex(3)
         self.tmp = tmp
         self.namespace = f"kybdirect-{self.token}"
@@ -134,6 +136,9 @@ class DirectShim:
         self.cgroup_parent = f"/kybdirect-{self.token}"
         self.home = tmp / "shimhome"
         self.home.mkdir()
+        self.log_path = self.home / "log"
+        if log_file:
+            self.log_path.touch()
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "TTRPC_ADDRESS": self.events.path, "KYBERNATE_WARM": "0"}
         r = subprocess.run([str(SHIM_BINARY), "-namespace", self.namespace, "-address",
@@ -173,6 +178,12 @@ class DirectShim:
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def close(self) -> None:
         for cid in self.created:

@@ -274,8 +274,9 @@ def test_soak_execs_with_background_children(soak_cd, record_property):
             return 5, f"exec {i}\n"
 
         def do(rt: str, i: int, deadline: float) -> Call:
-            return _ctr_timed(cd, rt, i, deadline, "tasks", "exec", "--exec-id", f"bg{i}", hosts[rt][i % EXEC_HOSTS],
-                              "sh", "-c", f'echo "exec $0"; sleep {BACKGROUND_SECONDS} & exit 5', str(i))
+            return _ctr_timed(cd, rt, i, deadline, "tasks", "exec", "--exec-id", f"bg{i}",
+                              hosts[rt][i % EXEC_HOSTS], "sh", "-c",
+                              f'echo "exec $0"; sleep {BACKGROUND_SECONDS} & exit 5', str(i))
 
         per_runtime, walls, phase_wall = _run_phase(_interleaved(EXECS), EXEC_WORKERS, do)
         stats = _report(record_property, f"exec with a background child x{EXECS}", per_runtime, walls,
