@@ -52,7 +52,8 @@ FUZZ_BUDGET = 90.0          # seconds for the whole plan; a shim that slows down
 RSS_BOUND_MIB = 30.0
 FD_SLACK = 3
 ANSWER_TIMEOUT = 15.0       # for one batch's answers, or for the shim to close a broken connection
-LIVE = "fuzz-live"
+LIVE = "fuzz-live"          # must stay RUNNING and untouched: only read-only methods may name it
+VICTIM = "fuzz-victim"      # any method but Wait and Checkpoint may name it: paused, killed, deleted...
 
 # How many of each case (about 2000 frames in all; see the module docstring).
 CONNECTIONS, BATCHES, BATCH_SIZE = 10, 5, 20   # 1000 well-framed frames (+50 States) on 10 connections
@@ -66,6 +67,7 @@ CHURN_WAVES, CHURN_WAVE_SIZE = 4, 100
 MUTATING = ("Create", "Start", "Delete", "Pause", "Resume", "Checkpoint", "Kill", "Exec", "ResizePty",
             "CloseIO", "Update", "Shutdown")
 READ_ONLY = ("State", "Pids", "Stats", "Connect")   # Wait on LIVE would never be answered
+NEVER_VICTIM = ("Wait", "Checkpoint")   # a Wait could outlast the batch; a checkpoint is CRIU's time
 METHODS = MUTATING + READ_ONLY + ("Wait",)
 SERVICES = (V2, V3)
 MESSAGE_TYPES = (api.CreateTaskRequest, api.StartRequest, api.DeleteRequest, api.PidsRequest, api.PauseRequest,
@@ -104,10 +106,22 @@ class Fuzzer:
         self.path = path
         self.dead = str(dead_paths)   # a directory that does not exist: any path the fuzz names is in it
         self.tally = Tally()
+        self.sweep = [(m, cls) for m in METHODS for cls in MESSAGE_TYPES]
+        rng.shuffle(self.sweep)
+        self.well_framed_count = 0
 
     # ---- values -----------------------------------------------------------------------------------
+    def container_id(self, for_method: str) -> str:
+        """LIVE only for a read-only method, VICTIM for any but NEVER_VICTIM, else some name."""
+        r = self.rng.random()
+        if for_method in READ_ONLY and r < 0.3:
+            return LIVE
+        if for_method not in NEVER_VICTIM and r > 0.7:
+            return VICTIM
+        return self.name()
+
     def name(self) -> str:
-        """An id that is not LIVE: empty, short, long, odd characters, path-like."""
+        """Not LIVE nor VICTIM: empty, short, long, odd characters, path-like."""
         r = self.rng
         choices = ["", "nope", "x" * r.randint(1, 300), "../../etc", "a/b", "ünïcode-☃", "fuzz-live-not",
                    " ", "\x00", "-", ".", f"id-{r.randrange(10**6)}"]
@@ -116,10 +130,10 @@ class Fuzzer:
     def path_value(self) -> str:
         return self.rng.choice(["", f"{self.dead}/p{self.rng.randrange(1000)}", "relative/path"])
 
-    def message(self, for_method: str):
-        """A real message of a random type, with values that are never LIVE for a mutating method."""
+    def message(self, for_method: str, cls=None):
+        """A real message of a random type (or `cls`), its id chosen by `container_id`."""
         r = self.rng
-        cls = r.choice(MESSAGE_TYPES)
+        cls = cls or r.choice(MESSAGE_TYPES)
         msg = cls()
         fields = {f.name: f for f in cls.DESCRIPTOR.fields}
         for name, f in fields.items():
@@ -128,8 +142,8 @@ class Fuzzer:
             if f.is_repeated or f.type == f.TYPE_MESSAGE:
                 continue
             if f.type == f.TYPE_STRING:
-                if name == "id" and for_method in READ_ONLY and r.random() < 0.5:
-                    setattr(msg, name, LIVE)
+                if name == "id":
+                    setattr(msg, name, self.container_id(for_method))
                 elif name in ("bundle", "path", "stdin", "stdout", "stderr", "parent_checkpoint", "checkpoint"):
                     setattr(msg, name, self.path_value())
                 else:
@@ -148,7 +162,7 @@ class Fuzzer:
     def garbage(self, low: int = 0, high: int = 200) -> bytes:
         return self.rng.randbytes(self.rng.randint(low, high))
 
-    def shaped_garbage(self, depth: int = 0) -> bytes:
+    def shaped_garbage(self, depth: int = 0, for_method: str = "") -> bytes:
         """Well-formed protobuf of no particular message: random field numbers and wire types with
         odd values, nested messages included. It decodes, so the handlers see it."""
         r = self.rng
@@ -157,6 +171,10 @@ class Fuzzer:
             number = r.choice([1, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 10, r.randint(11, 2 ** 29 - 1)])
             wire_type = r.choice([wire.VARINT, wire.FIXED64, wire.LENGTH_DELIMITED, wire.LENGTH_DELIMITED,
                                   wire.FIXED32])
+            if number == 1 and depth == 0 and for_method:  # the request's id
+                value = self.container_id(for_method).encode()
+                out += wire.encode_varint(1 << 3 | wire.LENGTH_DELIMITED) + wire.encode_varint(len(value)) + value
+                continue
             out += wire.encode_varint(number << 3 | wire_type)
             if wire_type == wire.VARINT:
                 out += wire.encode_varint(r.choice([0, 1, 9, 2 ** 31, 2 ** 64 - 1, r.randrange(2 ** 64)]))
@@ -183,8 +201,15 @@ class Fuzzer:
     def well_framed(self, stream_id: int, last_id: int) -> tuple[bytes, int | None, frozenset, str]:
         """One frame on a long-lived connection, which uses `stream_id` when it is a request with a new
         id: (bytes, the stream id its answer comes on or None when none is due, the codes allowed,
-        what it was)."""
+        what it was). Every third, while it lasts, comes from the sweep: every method once with a
+        message of every type."""
         r = self.rng
+        self.well_framed_count += 1
+        if self.sweep and self.well_framed_count % 3 == 0:
+            method, cls = self.sweep.pop()
+            payload = self.message(method, cls).SerializeToString()
+            frame = self.request_frame(stream_id, r.choice(SERVICES), method, payload)
+            return frame, stream_id, ANY_CODE, f"sweep {method}({cls.DESCRIPTOR.name})"
         kind = r.choice(["unknown-service", "unknown-method", "envelope-garbage", "payload-garbage",
                          "shaped-garbage", "shaped-garbage", "wrong-type", "wrong-type", "even-id",
                          "reused-id", "client-stream", "data-frame", "response-frame", "metadata", "timeout"])
@@ -206,10 +231,7 @@ class Fuzzer:
         if kind == "payload-garbage":
             return self.request_frame(stream_id, service, method, self.garbage()), stream_id, ANY_CODE, kind
         if kind == "shaped-garbage":
-            if method not in READ_ONLY:   # its field 1 is never LIVE; a read-only method may get LIVE
-                payload = self.shaped_garbage()
-            else:
-                payload = api.StateRequest(id=LIVE).SerializeToString() + self.shaped_garbage()
+            payload = self.shaped_garbage(for_method=method)
             return self.request_frame(stream_id, service, method, payload), stream_id, ANY_CODE, kind
         if kind == "wrong-type":
             payload = self.message(method).SerializeToString()
@@ -321,7 +343,7 @@ async def _batches(fz: Fuzzer, deadline: float) -> None:
                         fz.tally.codes[code.name] += 1
                         kinds = allowed[f.stream_id]
                         kind = next((k for codes, k in kinds if code in codes), kinds[0][1])
-                        fz.tally.by_kind[(kind.split(":")[0], code.name)] += 1
+                        fz.tally.by_kind[(kind.split(":")[0].split("(")[0], code.name)] += 1
                         if not any(code in codes for codes, _ in kinds):
                             fz.tally.problem(f"connection {n} stream {f.stream_id} ({[k for _, k in kinds]}): "
                                              f"{code.name} {Response.decode(f.data).status.message[:200]!r}")
@@ -453,6 +475,10 @@ async def _churn(fz: Fuzzer, deadline: float) -> None:
 def live_shim(tmp_path):
     shim = DirectShim(tmp_path, log_file=True)
     yield shim
+    try:  # the fuzz may have left VICTIM paused, where a SIGKILL waits for the thaw
+        shim.call("Resume", api.ResumeRequest(id=VICTIM), timeout=10)
+    except Exception:  # noqa: BLE001 - not paused, or gone: either is fine here
+        pass
     shim.close()
     assert not shim.alive(), "the shim did not exit after Shutdown"
 
@@ -468,8 +494,9 @@ def _settled(probe, want, timeout: float = 20.0):
 
 def test_fuzz_a_live_shim(live_shim, tmp_path, record_property):
     shim = live_shim
-    shim.create(LIVE, ["sleep", "1000"])
-    shim.call("Start", api.StartRequest(id=LIVE))
+    for cid in (LIVE, VICTIM):
+        shim.create(cid, ["sleep", "1000"])
+        shim.call("Start", api.StartRequest(id=cid))
     path = shim.address.removeprefix("unix://")
     # warm-up: the paths a fuzz takes once (errors, imports) before the baseline is taken
     for method, req in (("State", api.StateRequest(id=LIVE)), ("Pids", api.PidsRequest(id=LIVE)),
@@ -519,11 +546,15 @@ def test_fuzz_a_live_shim(live_shim, tmp_path, record_property):
 
     assert shim.alive(), f"the shim died under the fuzz {where}"
     assert not fz.tally.problems, f"{len(fz.tally.problems)} problems {where}:\n" + "\n".join(fz.tally.problems)
+    assert not fz.sweep, f"{len(fz.sweep)} (method, message type) pairs of the sweep not sent {where}"
     assert not fz.tally.not_run, (f"{fz.tally.not_run} cases not run: the plan took over {FUZZ_BUDGET:.0f}s "
                                   f"({fz.tally.frames} frames sent) {where}")
     log = shim.log_text()[log_before:]
-    tracebacks = [chunk[:1500] for chunk in log.split("Traceback")[1:]]
+    assert "ttrpc protocol error" in log, f"the shim's log does not show the fuzz: {log[-2000:]!r}"
+    tracebacks = [chunk.split("\ntime=")[0][:1500] for chunk in log.split("Traceback")[1:]]
     assert not tracebacks, f"the shim logged {len(tracebacks)} tracebacks {where}; the first:\n{tracebacks[0]}"
+    errors = [line for line in log.splitlines() if "level=error" in line or "level=fatal" in line]
+    assert not errors, f"the shim logged {len(errors)} errors {where}:\n" + "\n".join(errors[:10])
     # still serving, the container untouched, nothing made for the fuzz's ids
     connect = shim.call("Connect", api.ConnectRequest(id=LIVE))
     assert connect.shim_pid == shim.pid and connect.task_pid > 0, connect
@@ -551,13 +582,14 @@ def test_fuzz_a_live_shim(live_shim, tmp_path, record_property):
         f"the shim holds {fds_after} fds, {fds_before} before the fuzz {where}: {_fd_links(shim.pid)[:30]}")
     assert rss_after - rss_before < RSS_BOUND_MIB, (
         f"the shim's RSS grew from {rss_before:.1f} to {rss_after:.1f} MiB (peak {peak:.1f}) {where}")
-    assert {e.container_id for _, _, e in shim.events.events if hasattr(e, "container_id")} == {LIVE}, where
+    ours = {LIVE, VICTIM}
+    assert {e.container_id for _, _, e in shim.events.events if hasattr(e, "container_id")} <= ours, where
     runc_root = Path("/run/containerd/runc") / shim.namespace
-    assert sorted(p.name for p in runc_root.iterdir()) == [LIVE], where
+    assert LIVE in {p.name for p in runc_root.iterdir()} <= ours, where
     for mnt in Path("/sys/fs/cgroup").iterdir():
         parent = mnt / shim.cgroup_parent.lstrip("/")
         if parent.is_dir():
-            assert sorted(p.name for p in parent.iterdir() if p.is_dir()) == [LIVE], (parent, where)
+            assert LIVE in {p.name for p in parent.iterdir() if p.is_dir()} <= ours, (parent, where)
 
 
 def _fd_links(pid: int) -> list[str]:
