@@ -8,7 +8,7 @@ mount under containerd's state dir, no bundle or runc state dir, no cgroup, no s
 in containerd's lists. The timings (wall time, median, p99, max per `ctr` call) are asserted both
 absolutely and against runc-v2's, and are shown in the terminal summary ("timings").
 
-Runs on containerd 1.6 only (the others would triple the time; the shim's code paths are the same).
+Runs on containerd 1.6 only: 1.7 and 2.1 as well would triple its time.
 Deselect with `-m "not soak"`. KYB_SOAK_SCALE scales the counts (default 1.0: 500 and 200).
 """
 from __future__ import annotations
@@ -86,6 +86,7 @@ def _interleaved(count: int) -> list[tuple[str, int]]:
 
 
 def _stats(calls: list[Call], wall: float) -> dict[str, float]:
+    """count, wall_s, median_s, p99_s and max_s of the calls that ran."""
     seconds = sorted(c.seconds for c in calls if c.rc is not None)
     if not seconds:
         return {"count": 0, "wall_s": round(wall, 1)}
@@ -94,11 +95,11 @@ def _stats(calls: list[Call], wall: float) -> dict[str, float]:
             "p99_s": round(p99, 3), "max_s": round(seconds[-1], 3)}
 
 
-def _wall(calls: list[Call], starts: dict[tuple[str, int], float], end: dict[tuple[str, int], float]) -> float:
-    keys = [(c.runtime, c.index) for c in calls if (c.runtime, c.index) in end]
+def _wall(calls: list[Call], starts: dict[tuple[str, int], float], ends: dict[tuple[str, int], float]) -> float:
+    keys = [(c.runtime, c.index) for c in calls if (c.runtime, c.index) in ends]
     if not keys:
         return 0.0
-    return max(end[k] for k in keys) - min(starts[k] for k in keys)
+    return max(ends[k] for k in keys) - min(starts[k] for k in keys)
 
 
 def _run_phase(jobs, workers: int, do) -> tuple[dict[str, list[Call]], dict[str, float], float]:
@@ -149,7 +150,7 @@ def _leftovers(cd: Containerd, ids: list[str], shims_before: set[int]) -> list[s
     found += [f"shim pid {p} still running: {' '.join(_cmdline(p))}" for p in sorted(daemons)]
     if len(templates) > 1:
         found.append(f"{len(templates)} warm templates for one containerd: {sorted(templates)}")
-    parents = shims | ({cd.pid} if cd.pid else set())
+    parents = (shims - shims_before) | ({cd.pid} if cd.pid else set())  # zombies of older shims: not ours
     for pid in _all_pids():
         if _process_state(pid) == "Z" and _ppid(pid) in parents:
             found.append(f"zombie pid {pid} (parent {_ppid(pid)}: {' '.join(_cmdline(_ppid(pid)))[:120]})")
@@ -243,8 +244,8 @@ def test_soak_run_rm(soak_cd, record_property):
     ids = [cid(rt, i) for rt in RUNTIMES for i in range(RUNS)]
     try:
         # runc-v2 is the reference for speed; its exit codes are checked, while its output of such a
-        # short process is now and then lost (about 2 in 1000 here: ctr and runc-v2, no shim of ours);
-        # kybernate must lose none.
+        # short process is now and then lost (1 or 2 in 500 here: ctr and runc-v2, no shim of ours,
+        # counted as lost_output in the timings); kybernate must lose none.
         bad = (_failures(per_runtime[KYBERNATE_RUNTIME], expected)
                + _failures(per_runtime[RUNC_RUNTIME], expected, output=False))
         assert not bad, f"{len(bad)} of {2 * RUNS} runs went wrong:\n" + "\n".join(bad[:20])
@@ -281,11 +282,12 @@ def test_soak_execs_with_background_children(soak_cd, record_property):
         per_runtime, walls, phase_wall = _run_phase(_interleaved(EXECS), EXEC_WORKERS, do)
         stats = _report(record_property, f"exec with a background child x{EXECS}", per_runtime, walls,
                         phase_wall, expected)
-        bad = [f for rt in RUNTIMES for f in _failures(per_runtime[rt], expected)]
+        bad = (_failures(per_runtime[KYBERNATE_RUNTIME], expected)
+               + _failures(per_runtime[RUNC_RUNTIME], expected, output=False))
         assert not bad, f"{len(bad)} of {2 * EXECS} execs went wrong:\n" + "\n".join(bad[:20])
-        slow = [c for c in per_runtime[KYBERNATE_RUNTIME] if c.seconds > EXEC_RETURN_BOUND]
-        assert not len(slow), (f"{len(slow)} kybernate execs took over {EXEC_RETURN_BOUND}s, e.g. "
-                          f"{[(c.index, round(c.seconds, 1)) for c in slow[:10]]}; {stats}")
+        slow = [(c.index, round(c.seconds, 1)) for c in per_runtime[KYBERNATE_RUNTIME]
+                if c.seconds > EXEC_RETURN_BOUND]
+        assert not len(slow), f"{len(slow)} kybernate execs took over {EXEC_RETURN_BOUND}s: {slow[:10]}; {stats}"
         kyb, runc = stats["kybernate"], stats["runc"]
         assert kyb["median_s"] <= max(2 * runc["median_s"], 1.0), stats
         statuses = _task_statuses(cd)
