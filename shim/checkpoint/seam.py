@@ -3,11 +3,12 @@ with a checkpoint (or a restore source in the spec: `shim.checkpoint.settings`).
 `TaskHandle` and the container's layer stack (`shim.checkpoint.layer`), never on the container.
 
 - `prepare_create`: at Create, before anything is created: the container's checkpoint settings, the
-  image to restore from (checked: a bad one refuses the Create) and the per-task CRIU config file
-  named in config.json (runc hands it to CRIU: plugin dir).
+  image to restore from (checked, and its seal verified: a bad one refuses the Create) and the
+  per-task CRIU config file named in config.json (runc hands it to CRIU: plugin dir).
 - `checkpoint`: containerd's CheckpointOptions OR-ed with the container's annotations ->
   ``runc checkpoint`` (`criu.plans`), the layer's hooks around it (CUDA: `shim.gpu.lifecycle`); on success the image is
-  marked complete and a note goes into containerd's directory; on failure the task is left running
+  marked complete, a note goes into containerd's directory, and the image is sealed with the node's
+  key (`shim.checkpoint.seal`); on failure the task is left running
   and thawed, the error quotes CRIU's first error and the image is not claimed as good.
 - `restore`: at Start, the layer's before_restore, then ``runc restore`` with the new task's IO
   (pipes, or the console socket) and the CRIU options the checkpoint used; returns the restored
@@ -27,6 +28,7 @@ from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
 from shim.bundle import INIT_PID_FILE
+from shim.checkpoint import seal
 from shim.checkpoint.layer import LifecycleLayer, TaskHandle
 from shim.checkpoint.settings import (RESTORE_FIELDS, CheckpointSettings, prepare_bundle, recorded_options,
                                       resolve_image, restore_source, write_note)
@@ -35,14 +37,18 @@ from shim.runtime.runc import RuntimeCommandError, read_pid_file
 log = logging.getLogger("kybernate.shim")
 
 
-def prepare_create(req, spec: dict, options: Any, bundle: str) -> tuple[CheckpointSettings, str]:
+def prepare_create(req, spec: dict, options: Any, bundle: str, namespace: str) -> tuple[CheckpointSettings, str]:
     """At Create, before anything is mounted or created: (the container's checkpoint settings, the
-    checked image dir to restore from or ""). Raises TTRPCError (InvalidArgument/FailedPrecondition)
-    for bad annotations or a bad image, so that a refused restore leaves nothing behind."""
+    checked image dir to restore from or ""). Raises TTRPCError (InvalidArgument/FailedPrecondition/
+    PermissionDenied) for bad annotations or a bad image, so that a refused restore leaves nothing
+    behind. The image's seal is verified here (`shim.checkpoint.seal`), before the layer stack looks
+    at the image and long before CRIU or the CUDA driver reads it."""
     cid = req.id
     settings = CheckpointSettings.from_spec(spec, options, cid)
     source, origin = restore_source(req.checkpoint, spec)
     image = resolve_image(source, cid, origin) if source else ""
+    if image:
+        seal.check_restore(image, cid, namespace, spec, origin)
     prepare_bundle(bundle, spec, settings, cid)
     return settings, image
 
@@ -158,6 +164,7 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
                               cgroups_mode=wanted["cgroups_mode"])
     except ValueError as exc:
         raise TTRPCError(Code.INVALID_ARGUMENT, f"checkpoint container {cid}: {exc}") from exc
+    seal_key = seal.checkpoint_key(cid)  # a broken key file fails here, before CRIU freezes anything
     created_image = not os.path.exists(plan.image_path)
     try:
         os.makedirs(plan.image_path, exist_ok=True)
@@ -205,6 +212,7 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
             write_note(request.path, record)
         except OSError as exc:
             log.warning("container %s: cannot write the checkpoint note into %s: %s", cid, request.path, exc)
+    seal.seal_checkpoint(task, plan.image_path, seal_key)  # last: covers every file, the marker and a note
     log.info("container %s: checkpoint to %s done in %.3fs", cid, plan.image_path, elapsed)
     return plan.image_path
 
