@@ -64,9 +64,6 @@ MIN_KEY_BYTES = 32
 MAX_KEY_BYTES = 4096
 MAX_RECORD_BYTES = 1 << 20
 GPU_RECORD = "kybernate-gpu.json"  # shim.gpu.records.RECORD_NAME: its driver_version goes into the seal
-#: Files CRIU writes into the image dir during a restore and never reads: a second restore of the same
-#: image finds them. Tolerated only as regular files (a link there would have CRIU write through it).
-RESTORE_OUTPUTS = frozenset({"stats-restore"})
 #: The container's identity fields that must match at restore: the tenant's scope. The others
 #: (pod, container name, id) are recorded for people: restoring into a new container is the point.
 SCOPE_FIELDS = ("namespace", "pod_namespace")
@@ -482,9 +479,7 @@ def verify(image_dir: str, key: bytes, expected_identity: Mapping[str, str], *,
             sealed = files.get(name)
             if st is None:
                 raise SealError(image_dir, name, "is missing: the seal lists it", "missing")
-            if sealed is None:
-                if name in RESTORE_OUTPUTS and stat.S_ISREG(st.st_mode):
-                    continue  # CRIU's own output of an earlier restore
+            if sealed is None:  # a restore adds none: runc points CRIU's logs and stats at the work dir
                 raise SealError(image_dir, name, f"is not in the seal: added after the checkpoint", "added")
             if not stat.S_ISREG(st.st_mode):
                 raise SealError(image_dir, name, f"is {_kind(st.st_mode)}, sealed as a regular file", "not-regular")

@@ -46,6 +46,11 @@ RUNTIMES = (RUNC_RUNTIME, KYBERNATE_RUNTIME)
 RUNC_DEFAULT_ROOT = Path("/run/containerd/runc")
 # Where shims of every containerd version put their sockets: sha256(<grpc address>/<ns>/<id>).
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
+# The shim's node config for test instances: a seal key of the instance's own; unsealed images refused.
+DEFAULT_NODE_CONFIG = """[checkpoint]
+seal_key_file = "{seal_key}"
+require_seal = true
+"""
 SYSTEM_PATH = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
 
 
@@ -230,9 +235,12 @@ class Containerd:
     """A private containerd of one version. See the module docstring."""
 
     def __init__(self, version: str, workdir: Path | str, namespace: str | None = None,
-                 extra_config: str = "", keep_log: bool = True):
+                 extra_config: str = "", keep_log: bool = True, node_config: str | None = None):
         """extra_config: TOML appended to the generated config (must not repeat its tables).
-        keep_log: leave workdir/containerd.log after stop() (the only thing left)."""
+        keep_log: leave workdir/containerd.log after stop() (the only thing left).
+        node_config: the shim's node config (KYBERNATE_CONFIG, shim.policy.node), a TOML text in which
+        {seal_key} stands for this instance's seal key file (made at start, 0600); default
+        DEFAULT_NODE_CONFIG: checkpoints sealed with that key, restores verified."""
         self.version = version
         self.install = installation(version)
         self.workdir = Path(workdir).resolve()
@@ -252,6 +260,9 @@ class Containerd:
         self.cni_dir = self.workdir / "cni"
         self.runc_root = RUNC_DEFAULT_ROOT / self.namespace   # where ctr-started runc containers live
         self.cri_runc_root = self.state / "runc"               # CRI runtime "runc" (Root option)
+        self.node_config_path = self.workdir / "kybernate-node.toml"
+        self.seal_key_path = self.workdir / "seal.key"
+        self.node_config = DEFAULT_NODE_CONFIG if node_config is None else node_config
         self.env = self._environment()
         self.proc: subprocess.Popen | None = None
         self._log_file = None
@@ -270,7 +281,25 @@ class Containerd:
         env = {k: v for k, v in os.environ.items()
                if k in ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "TERM")}
         env["PATH"] = os.pathsep.join(self.install.path_dirs)
+        env["KYBERNATE_CONFIG"] = str(self.node_config_path)
         return env
+
+    def write_node_config(self, text: str | None = None) -> None:
+        """(Re)write the shim's node config ({seal_key}: this instance's key file, made once, 0600).
+        Shims read it at every Create and Checkpoint, so a change counts from the next one."""
+        if text is not None:
+            self.node_config = text
+        if not self.seal_key_path.exists():
+            fd = os.open(self.seal_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, secrets.token_hex(32).encode() + b"\n")
+            os.close(fd)
+        self.node_config_path.write_text(self.node_config.replace("{seal_key}", str(self.seal_key_path)))
+        os.chmod(self.node_config_path, 0o644)
+
+    @property
+    def seal_key(self) -> bytes:
+        """The key this instance's shims seal with (shim.checkpoint.seal.load_key's reading of it)."""
+        return self.seal_key_path.read_bytes().strip()
 
     def which(self, name: str) -> str | None:
         """What containerd (and its shims) find under `name` on their PATH."""
@@ -342,6 +371,7 @@ class Containerd:
         for d in (self.workdir, self.root, self.run_dir, self.state, self.opt_dir, self.cni_dir / "net.d"):
             d.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_toml())
+        self.write_node_config()
         self._log_file = open(self.log_path, "ab")
         self._log_file.write(f"==== harness: starting containerd {self.version} ====\n".encode())
         self._log_file.flush()
@@ -400,8 +430,9 @@ class Containerd:
                 shutil.rmtree(p, ignore_errors=True)
             if not self.shim_pids():
                 break
-        with contextlib.suppress(FileNotFoundError):
-            self.config_path.unlink()
+        for path in (self.config_path, self.node_config_path, self.seal_key_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         if not self.keep_log:
             with contextlib.suppress(FileNotFoundError):
                 self.log_path.unlink()

@@ -105,6 +105,11 @@ def test_restore_that_criu_fails_leaves_nothing(containerd, container_id, counte
     shutil.copytree(image, damaged)
     for mm in damaged.glob("mm-*.img"):  # the memory layout: gone (page images intact, sizes right)
         mm.unlink()
+    # sealed again with the node's key: a trusted image that CRIU cannot restore (test_attack_seal.py
+    # has the untrusted ones, refused before CRIU)
+    from shim.checkpoint import seal
+
+    seal.seal(str(damaged), cd.seal_key, seal.identity_of(cd.namespace, {}, cid))
     r = cd.ctr("run", "-d", "--runtime", KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={damaged}",
                "docker.io/kybernate/busybox:test", cid, "sh", "-c", "echo fresh", check=False)
     assert r.returncode != 0
