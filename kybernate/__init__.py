@@ -11,6 +11,7 @@ DEFAULT_CONFIG = "/etc/containerd/config.toml"
 CRI_NAMESPACE = "k8s.io"
 CHECKPOINT_ROOT = "/var/lib/kybernate/checkpoints"
 RESTORE_ANNOTATION = "kybernate.io/restore-from"
+SEAL_MANIFEST = "kybernate-seal.json"  # shim.checkpoint.seal.MANIFEST_NAME: a sealed image holds it
 
 # Labels the CRI plugin puts on every container it creates (kubelet's metadata).
 LABEL_POD_NAMESPACE = "io.kubernetes.pod.namespace"

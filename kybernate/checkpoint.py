@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import grpc
 
 from . import (CHECKPOINT_ROOT, CRI_NAMESPACE, LABEL_CONTAINER_NAME, LABEL_POD_NAME, LABEL_POD_NAMESPACE,
-               RESTORE_ANNOTATION, RUNTIME_HANDLER, RUNTIME_TYPE, OperatorError)
+               RESTORE_ANNOTATION, RUNTIME_HANDLER, RUNTIME_TYPE, SEAL_MANIFEST, OperatorError)
 from .containerd_api import Containerd, describe_rpc_error, spec_of, status_name
 
 
@@ -237,13 +237,22 @@ def checkpoint(args) -> int:
         raise OperatorError(f"containerd reported the checkpoint of {target} done but {exc}; see the shim's log "
                             "(in containerd's log)") from None
     size = tree_size(image_dir)
-    print(f"checkpoint of {target}: {image_dir} ({human(size)}, {progress.seconds:.1f} s)"
-          + ("; the task has exited" if args.exit else "") + note)
+    print(f"checkpoint of {target}: {image_dir} ({human(size)}, {progress.seconds:.1f} s, "
+          f"{'sealed' if is_sealed(image_dir) else 'NOT sealed'})" + ("; the task has exited" if args.exit else "")
+          + note)
+    if not is_sealed(image_dir):
+        print(f"warning: {image_dir} is not sealed (the node has no seal key, see docs/security.md): a node "
+              "that requires sealed images (the default) refuses to restore it", file=sys.stderr)
     if args.exit:
         hint = (f"kybernate restore {args.target} --from {image_dir}" if target.kubernetes
                 else f"kybernate -n {target.namespace} restore {target.id}")
         print(f"restore with: {hint}")
     return 0
+
+
+def is_sealed(image_dir: Path) -> bool:
+    """Whether the shim sealed the image (it verifies the seal itself at restore)."""
+    return os.path.lexists(image_dir / SEAL_MANIFEST)
 
 
 def _duplicate_scratch_blob(exc: grpc.RpcError, image_dir: Path) -> bool:
@@ -322,6 +331,7 @@ def restore(args) -> int:
     source = Path(args.from_).absolute() if args.from_ else latest_checkpoint(target.namespace, target.id)
     if not (source / "inventory.img").exists():
         raise OperatorError(f"{source} is not a CRIU checkpoint directory (no inventory.img)")
+    _warn_unsealed(source)
     new_id = args.new_id or target.id
     with Containerd(args.address) as client:
         template = client.container(target.namespace, target.id)
@@ -360,6 +370,12 @@ def restore(args) -> int:
     return 0
 
 
+def _warn_unsealed(source: Path) -> None:
+    if not is_sealed(source):
+        print(f"warning: {source} is not sealed: the shim refuses it unless the node config sets "
+              "checkpoint.require_seal = false", file=sys.stderr)
+
+
 def _restore_cri(args, target: Target) -> int:
     from proto.k8s.cri.runtime.v1 import api_pb2 as cri
 
@@ -371,6 +387,8 @@ def _restore_cri(args, target: Target) -> int:
     archive = source.is_file()
     if not archive and not (source / "inventory.img").exists():
         raise OperatorError(f"{source} is neither a CRI checkpoint archive nor a CRIU checkpoint directory")
+    if not archive:
+        _warn_unsealed(source)
     with Containerd(args.address) as client:
         rt = client.cri
         try:

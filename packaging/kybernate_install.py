@@ -14,9 +14,13 @@ What it does, each step only when its result is not already in place (a second r
      looks shims up on its PATH (runtime_type io.containerd.kybernate.v1 -> that binary name).
   3. config.toml: our runtime merged in as one marked block (containerd_toml.py says how, and why
      nothing else in the file can change); the original is kept as config.toml.kybernate-backup.
-  4. with --restart-containerd, and only when config.toml changed: `systemctl restart containerd`.
+  4. the node's seal key (--seal-key, default /etc/kybernate/seal.key): 32 random bytes in hex, owned by
+     root, mode 0600, made once and never replaced. The shim seals every checkpoint with it and
+     verifies the seal before it restores one (docs/security.md); nodes that restore each other's
+     checkpoints need the same key: copy one over it on each of them. --seal-key '' makes none.
+  5. with --restart-containerd, and only when config.toml changed: `systemctl restart containerd`.
 `--uninstall` reverses 1-3 and removes the backup when the file is back to what it was, so nothing is
-left behind.
+left behind but the seal key (checkpoints sealed with it need it to be restored).
 
 Standard library only (Python >= 3.11 for tomllib, or `tomli` installed), so it runs before anything
 of Kybernate is installed: from a checkout, or from the installer image, which keeps the checkout's
@@ -35,6 +39,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -51,6 +56,7 @@ PACKAGE = "kybernate"
 DEFAULT_PREFIX = "/opt/kybernate"
 DEFAULT_CONFIG = "/etc/containerd/config.toml"
 DEFAULT_BIN_DIR = "/usr/local/bin"
+DEFAULT_SEAL_KEY = "/etc/kybernate/seal.key"  # shim.policy.node's default seal_key_file
 DEFAULT_RESTART = "systemctl restart containerd"
 STATE_FILE = "install.json"
 BACKUP_SUFFIX = ".kybernate-backup"
@@ -184,6 +190,7 @@ class Options:
     force_reinstall: bool
     skip_config: bool
     pip_args: tuple[str, ...] = ()
+    seal_key: Optional[Path] = None  # None: no seal key step
 
 
 class Reporter:
@@ -442,6 +449,38 @@ def restart_containerd(opts: Options, rep: Reporter, changed: bool) -> None:
         _run(shlex.split(opts.restart_command), "restarting containerd", timeout=300)
 
 
+def install_seal_key(opts: Options, rep: Reporter) -> None:
+    """The node's seal key, made once: a key that sealed checkpoints must outlive a reinstall, and one
+    the operator put there (a cluster's) is never replaced. One that is there but not root's only is
+    left alone and reported: the shim refuses it."""
+    path = opts.seal_key
+    if path is None:
+        return
+    if os.path.lexists(path):
+        try:
+            st = path.stat()
+        except OSError as exc:
+            rep.note(f"seal key {path} cannot be read ({exc.strerror}): the shim will refuse it")
+            return
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+            rep.note(f"seal key {path} is not a root-only file (uid {st.st_uid}, mode "
+                     f"{stat.S_IMODE(st.st_mode):04o}): the shim refuses it; chown root:root and chmod 600 it")
+        else:
+            rep.same(f"seal key {path}")
+        return
+    rep.change(f"create the seal key {path} (mode 0600; nodes that restore each other's checkpoints need the "
+               "same key)")
+    if opts.dry_run:
+        return
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, os.urandom(32).hex().encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def containerd_version(opts: Options) -> tuple[int, int, int]:
     if opts.containerd_version == "auto":
         return detect_containerd_version(opts.containerd_binary)
@@ -463,6 +502,7 @@ def install(opts: Options, rep: Reporter) -> int:
     changed = False
     if not opts.skip_config:
         changed = install_config(opts, containerd, rep)
+    install_seal_key(opts, rep)
     if not opts.dry_run:
         state = _read_state(opts.prefix)
         record = {"bin_dir": str(opts.bin_dir), "config": None if opts.skip_config else str(opts.config),
@@ -484,6 +524,8 @@ def uninstall(opts: Options, rep: Reporter) -> int:
         changed = uninstall_config(opts, rep)
     uninstall_links(opts, rep)
     uninstall_prefix(opts, rep)
+    if opts.seal_key is not None and os.path.lexists(opts.seal_key):
+        rep.note(f"leaving the seal key {opts.seal_key}: checkpoints sealed with it need it to be restored")
     restart_containerd(opts, rep, changed)
     rep.say(("dry run: planned " if opts.dry_run else "done: ")
             + (f"{len(rep.changes)} change(s)" if rep.changes else "nothing to change"))
@@ -546,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SystemdCgroup (default auto: as the config's runc runtime, else false)")
     p.add_argument("--runtime-option", type=_extra_option, action="append", default=[], metavar="KEY=VALUE",
                    help="another runtime option, e.g. CriuImagePath=/var/lib/kybernate/checkpoints")
+    p.add_argument("--seal-key", default=DEFAULT_SEAL_KEY, metavar="PATH",
+                   help=f"the node's checkpoint seal key, made when missing (default {DEFAULT_SEAL_KEY}; "
+                        "'' for none)")
     p.add_argument("--skip-config", action="store_true", help="leave config.toml alone")
     p.add_argument("--restart-containerd", action="store_true",
                    help="restart containerd when config.toml changed")
@@ -571,7 +616,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
                    systemd_auto=args.systemd_cgroup is None, restart=args.restart_containerd,
                    restart_command=args.restart_command, dry_run=args.dry_run,
                    force_reinstall=args.force_reinstall, skip_config=args.skip_config,
-                   pip_args=tuple(args.pip_arg))
+                   pip_args=tuple(args.pip_arg),
+                   seal_key=Path(args.seal_key).absolute() if args.seal_key else None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -157,8 +158,9 @@ def test_install_run_reinstall_uninstall(tmp_path, wheelhouse, version):
         assert before.returncode != 0 and "containerd-shim-kybernate-v1" in before.stderr, before
         cd.ctr("containers", "delete", "before", check=False)
         original = cd.config_path.read_bytes()
+        seal_key = tmp_path / "etc-kybernate" / "seal.key"
         common = ["--prefix", str(prefix), "--config", str(cd.config_path), "--bin-dir", str(bin_dir),
-                  "--containerd-binary", str(cd.install.containerd)]
+                  "--containerd-binary", str(cd.install.containerd), "--seal-key", str(seal_key)]
 
         # install: offline from the wheelhouse, containerd version detected from the binary
         r = install_sh(*common, "--wheelhouse", str(wheelhouse))
@@ -172,6 +174,8 @@ def test_install_run_reinstall_uninstall(tmp_path, wheelhouse, version):
         assert merged.startswith(original.decode()), "the installer rewrote the operator's part of the file"
         state = json.loads((prefix / "install.json").read_text())
         assert state["version"] == "0.1.0" and state["source"].endswith(".whl")
+        key = seal_key.stat()
+        assert (key.st_uid, stat.S_IMODE(key.st_mode), len(seal_key.read_text().strip())) == (0, 0o600, 64)
 
         cd.restart()
         assert cd.which("containerd-shim-kybernate-v1") == str(shim_link)
@@ -220,6 +224,7 @@ def test_install_run_reinstall_uninstall(tmp_path, wheelhouse, version):
         assert not prefix.exists()
         assert sorted(os.listdir(bin_dir)) == []
         assert not cd.config_path.with_name("config.toml.kybernate-backup").exists()
+        assert seal_key.stat().st_ino == key.st_ino and "leaving the seal key" in r3.stdout
         cd.restart()
         after = cd.ctr("run", "--rm", "--runtime", KYBERNATE_RUNTIME, BUSYBOX_REF, "after", "true",
                        check=False, timeout=60)
@@ -306,6 +311,7 @@ def test_kybernate_checkpoint_and_ps_by_containerd_id(containerd, container_id, 
     r = kyb(cd, "checkpoint", container_id, "--image-path", str(image))
     assert r.returncode == 0, r.stdout + r.stderr
     assert (image / "inventory.img").exists() and f"checkpoint of {cd.namespace}/{container_id}: {image}" in r.stdout
+    assert ", sealed)" in r.stdout and (image / "kybernate-seal.json").is_file(), r.stdout
     before = count(cd, container_id)
     assert wait_until(lambda: count(cd, container_id) > before, 10), "leave-running: it must go on counting"
 

@@ -232,3 +232,28 @@ def test_the_image_copies_every_package_and_every_installer_file():
     assert re.search(r"^COPY fsutil/__init__.py fsutil/atomic.py /kybernate/fsutil/$", containerfile, re.M)
     entrypoint = (PACKAGING / "kubernetes" / "installer-entrypoint.sh").read_text()
     assert '"$payload/packaging/install.sh"' in entrypoint
+
+
+# ---- the seal key --------------------------------------------------------------------------------
+@pytest.mark.skipif(os.geteuid() != 0, reason="the key must be root's: needs root")
+def test_the_seal_key_is_made_once_root_only_and_never_replaced(tmp_path, capsys):
+    key = tmp_path / "etc" / "kybernate" / "seal.key"
+    ki.install_seal_key(options(tmp_path, None, seal_key=key, dry_run=True), ki.Reporter(dry_run=True))
+    assert not key.exists() and "would: create the seal key" in capsys.readouterr().out
+    rep = ki.Reporter()
+    ki.install_seal_key(options(tmp_path, None, seal_key=key), rep)
+    st = key.stat()
+    assert rep.changes and (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+    text = key.read_text()
+    assert len(text.strip()) == 64 and int(text, 16) >= 0
+    # the shim takes it as it is
+    from shim.checkpoint.seal import load_key
+    assert load_key(str(key)) == text.strip().encode()
+    # a second run, or a cluster key the operator put there, is left as it is
+    rep = ki.Reporter()
+    ki.install_seal_key(options(tmp_path, None, seal_key=key), rep)
+    assert not rep.changes and key.read_text() == text
+    key.chmod(0o644)
+    rep = ki.Reporter()
+    ki.install_seal_key(options(tmp_path, None, seal_key=key), rep)
+    assert not rep.changes and key.read_text() == text and "chmod 600" in capsys.readouterr().out

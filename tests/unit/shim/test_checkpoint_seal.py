@@ -242,6 +242,12 @@ def test_the_key_file_rules(tmp_path):
     assert len(S.new_key_text().strip()) == 64
 
 
+def test_the_operator_command_knows_the_manifest_by_the_same_name():
+    import kybernate
+
+    assert kybernate.SEAL_MANIFEST == S.MANIFEST_NAME  # kybernate imports nothing of the shim: a twin constant
+
+
 def test_identity_takes_the_pod_only_from_cri_containers():
     cri = {"annotations": {"io.kubernetes.cri.container-type": "container",
                            "io.kubernetes.cri.sandbox-namespace": "tenant-a",
