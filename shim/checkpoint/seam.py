@@ -18,6 +18,7 @@ with a checkpoint (or a restore source in the spec: `shim.checkpoint.settings`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -41,14 +42,13 @@ def prepare_create(req, spec: dict, options: Any, bundle: str, namespace: str) -
     """At Create, before anything is mounted or created: (the container's checkpoint settings, the
     checked image dir to restore from or ""). Raises TTRPCError (InvalidArgument/FailedPrecondition/
     PermissionDenied) for bad annotations or a bad image, so that a refused restore leaves nothing
-    behind. The image's seal is verified here (`shim.checkpoint.seal`), before the layer stack looks
-    at the image and long before CRIU or the CUDA driver reads it."""
+    behind. The image's seal is verified here (`shim.checkpoint.seal`), before anything reads the
+    image's records (our own checks, the layer stack) and long before CRIU or the CUDA driver does."""
     cid = req.id
     settings = CheckpointSettings.from_spec(spec, options, cid)
     source, origin = restore_source(req.checkpoint, spec)
-    image = resolve_image(source, cid, origin) if source else ""
-    if image:
-        seal.check_restore(image, cid, namespace, spec, origin)
+    verify_seal = functools.partial(seal.check_restore, container_id=cid, namespace=namespace, spec=spec, origin=origin)
+    image = resolve_image(source, cid, origin, verify_seal) if source else ""
     prepare_bundle(bundle, spec, settings, cid)
     return settings, image
 

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from fsutil.atomic import atomic_write
 from ttrpc.codes import Code
@@ -200,12 +200,15 @@ def restore_source(checkpoint: str, spec: Mapping) -> tuple[str, str]:
 _REASON_CODES = {"missing": Code.INVALID_ARGUMENT, "not-a-directory": Code.INVALID_ARGUMENT}
 
 
-def resolve_image(path: str, container_id: str, source: str) -> str:
+def resolve_image(path: str, container_id: str, source: str,
+                  verify: Optional[Callable[[str], None]] = None) -> str:
     """The CRIU image dir to restore from, checked before anything is created.
 
     A directory holding only our note (containerd's copy of a checkpoint whose image went to
     CriuImagePath or an image_path option) leads to the image the note names. Missing or not a
     directory: InvalidArgument; empty, not CRIU, corrupt or incomplete: FailedPrecondition.
+    `verify` (the seal, `shim.checkpoint.seal.check_restore`) sees a directory before anything in it
+    is parsed: an image is authenticated before even our own checks read its records.
     """
     from criu.errors import CriuImageError
     from criu.images import INVENTORY, validate_image_dir
@@ -218,6 +221,8 @@ def resolve_image(path: str, container_id: str, source: str) -> str:
     if note and not os.path.exists(os.path.join(path, INVENTORY)) and note.get("image_path"):
         image = str(note["image_path"])
         log.info("container %s: %s holds a note: the image is in %s", container_id, path, image)
+    if verify is not None and os.path.isdir(image):
+        verify(image)
     try:
         stats = validate_image_dir(image)
     except CriuImageError as exc:

@@ -14,6 +14,11 @@ config.toml (version 2 for 1.6/1.7, version 3 for 2.1) declaring the runtimes io
 which containerd finds the matching containerd-shim-runc-v2, our shim (REPO/.venv/bin), CRIU 4
 (/usr/local/sbin) and the matching runc (bookworm's 1.1 for 1.6/1.7, runc 1.3 for 2.1).
 The debug log of containerd (and of the shims, which log through it) is workdir/containerd.log.
+
+Each instance also has its own kybernate node config (workdir/kybernate.toml, named to containerd and
+so to the shims by KYBERNATE_CONFIG) and seal key (workdir/seal.key, 0600): checkpoints are sealed with
+that key and a restore needs a seal it verifies (checkpoint.require_seal, the default).
+`node_config()` changes the config for a while (the shim reads it at every Create and Checkpoint).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -46,11 +52,6 @@ RUNTIMES = (RUNC_RUNTIME, KYBERNATE_RUNTIME)
 RUNC_DEFAULT_ROOT = Path("/run/containerd/runc")
 # Where shims of every containerd version put their sockets: sha256(<grpc address>/<ns>/<id>).
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
-# The shim's node config for test instances: a seal key of the instance's own; unsealed images refused.
-DEFAULT_NODE_CONFIG = """[checkpoint]
-seal_key_file = "{seal_key}"
-require_seal = true
-"""
 SYSTEM_PATH = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
 
 
@@ -235,12 +236,9 @@ class Containerd:
     """A private containerd of one version. See the module docstring."""
 
     def __init__(self, version: str, workdir: Path | str, namespace: str | None = None,
-                 extra_config: str = "", keep_log: bool = True, node_config: str | None = None):
+                 extra_config: str = "", keep_log: bool = True):
         """extra_config: TOML appended to the generated config (must not repeat its tables).
-        keep_log: leave workdir/containerd.log after stop() (the only thing left).
-        node_config: the shim's node config (KYBERNATE_CONFIG, shim.policy.node), a TOML text in which
-        {seal_key} stands for this instance's seal key file (made at start, 0600); default
-        DEFAULT_NODE_CONFIG: checkpoints sealed with that key, restores verified."""
+        keep_log: leave workdir/containerd.log after stop() (the only thing left)."""
         self.version = version
         self.install = installation(version)
         self.workdir = Path(workdir).resolve()
@@ -260,9 +258,8 @@ class Containerd:
         self.cni_dir = self.workdir / "cni"
         self.runc_root = RUNC_DEFAULT_ROOT / self.namespace   # where ctr-started runc containers live
         self.cri_runc_root = self.state / "runc"               # CRI runtime "runc" (Root option)
-        self.node_config_path = self.workdir / "kybernate-node.toml"
+        self.node_config_path = self.workdir / "kybernate.toml"
         self.seal_key_path = self.workdir / "seal.key"
-        self.node_config = DEFAULT_NODE_CONFIG if node_config is None else node_config
         self.env = self._environment()
         self.proc: subprocess.Popen | None = None
         self._log_file = None
@@ -284,21 +281,41 @@ class Containerd:
         env["KYBERNATE_CONFIG"] = str(self.node_config_path)
         return env
 
-    def write_node_config(self, text: str | None = None) -> None:
-        """(Re)write the shim's node config ({seal_key}: this instance's key file, made once, 0600).
-        Shims read it at every Create and Checkpoint, so a change counts from the next one."""
-        if text is not None:
-            self.node_config = text
+    # ---- kybernate's node config -------------------------------------------------------------
+    def node_config_toml(self, **sections: Mapping[str, object]) -> str:
+        """The node config: the instance's seal key, seals required, with ``sections`` over them
+        (``checkpoint={"require_seal": False}``)."""
+        tables: dict[str, dict] = {"checkpoint": {"seal_key_file": str(self.seal_key_path), "require_seal": True}}
+        for name, values in sections.items():
+            tables.setdefault(name, {}).update(values)
+        lines = []
+        for name, values in tables.items():
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]   # JSON scalars/lists are TOML
+        return "\n".join(lines) + "\n"
+
+    def write_node_config(self, **sections: Mapping[str, object]) -> None:
         if not self.seal_key_path.exists():
             fd = os.open(self.seal_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.write(fd, secrets.token_hex(32).encode() + b"\n")
             os.close(fd)
-        self.node_config_path.write_text(self.node_config.replace("{seal_key}", str(self.seal_key_path)))
-        os.chmod(self.node_config_path, 0o644)
+        tmp = self.node_config_path.with_suffix(".tmp")
+        tmp.write_text(self.node_config_toml(**sections))
+        tmp.chmod(0o644)   # the shim refuses a node config that others may write
+        tmp.replace(self.node_config_path)
+
+    @contextlib.contextmanager
+    def node_config(self, **sections: Mapping[str, object]):
+        """The node config with ``sections`` for the duration (containers created meanwhile get it)."""
+        self.write_node_config(**sections)
+        try:
+            yield self.node_config_path
+        finally:
+            self.write_node_config()
 
     @property
     def seal_key(self) -> bytes:
-        """The key this instance's shims seal with (shim.checkpoint.seal.load_key's reading of it)."""
+        """The key this instance's shims seal with (as shim.checkpoint.seal.load_key reads it)."""
         return self.seal_key_path.read_bytes().strip()
 
     def which(self, name: str) -> str | None:
