@@ -150,16 +150,16 @@ def key_id(key: bytes) -> str:
 
 # ---- identity --------------------------------------------------------------------------------------
 def identity_of(namespace: str, spec: Mapping, container_id: str) -> dict[str, str]:
-    """The container's identity as the seal records it. For a CRI container the pod's namespace,
-    name and container name come from the annotations containerd's CRI plugin sets (after a pod's own
-    pass-through annotations, so a pod cannot set them); elsewhere they are empty."""
+    """The container's identity as the seal records it: its containerd namespace and, for a CRI
+    container, the pod's namespace, name and container name, from the annotations containerd's CRI
+    plugin sets (after a pod's own pass-through annotations, so a pod cannot set them): all three
+    present, and not the sandbox (the rule the checkpoint store's scopes follow too)."""
     ann = spec.get("annotations") if isinstance(spec, Mapping) else None
     ann = ann if isinstance(ann, Mapping) else {}
-    cri = ann.get(CRI_CONTAINER_TYPE) == "container"
+    pod_ns, pod, name = (str(ann.get(k) or "") for k in (CRI_SANDBOX_NAMESPACE, CRI_SANDBOX_NAME, CRI_CONTAINER_NAME))
+    cri = bool(pod_ns and pod and name) and ann.get(CRI_CONTAINER_TYPE, "container") == "container"
     return {"namespace": namespace or "", "container_id": container_id or "",
-            "pod_namespace": str(ann.get(CRI_SANDBOX_NAMESPACE, "")) if cri else "",
-            "pod": str(ann.get(CRI_SANDBOX_NAME, "")) if cri else "",
-            "container": str(ann.get(CRI_CONTAINER_NAME, "")) if cri else ""}
+            "pod_namespace": pod_ns if cri else "", "pod": pod if cri else "", "container": name if cri else ""}
 
 
 def describe_scope(identity: Mapping[str, str]) -> str:

@@ -256,6 +256,8 @@ def test_identity_takes_the_pod_only_from_cri_containers():
                                                   "pod_namespace": "tenant-a", "pod": "web-0", "container": "app"}
     sandbox = {"annotations": {**cri["annotations"], "io.kubernetes.cri.container-type": "sandbox"}}
     assert S.identity_of("k8s.io", sandbox, "abc")["pod_namespace"] == ""
+    partial = {"annotations": {"io.kubernetes.cri.sandbox-namespace": "tenant-a"}}
+    assert S.identity_of("k8s.io", partial, "abc")["pod_namespace"] == ""
     assert S.identity_of("default", {}, "c1")["pod_namespace"] == ""
 
 
