@@ -94,7 +94,7 @@ def make_synthetic(d: Path, size: int) -> None:
         (d / f"small-{i}.img").write_bytes(os.urandom(4096 + 97 * i))
 
 
-def synthetic(workdir: Path, size: int, runs: int) -> dict:
+def synthetic(workdir: Path, size: int, runs: int, scan: tuple[int, ...] = ()) -> dict:
     d = workdir / "synthetic"
     make_synthetic(d, size)
     key = secrets.token_hex(32).encode()
@@ -113,6 +113,10 @@ def synthetic(workdir: Path, size: int, runs: int) -> dict:
             cold.append(seal.verify(str(d), key, who, threads=threads).seconds)
         out[f"verify_warm_{label}_s"] = stats(warm)
         out[f"verify_cold_{label}_s"] = stats(cold)
+    for threads in scan:  # warm verification by pool size: how it scales with cores
+        seal.verify(str(d), key, who, threads=threads)
+        out.setdefault("verify_warm_by_threads_s", {})[str(threads)] = stats(
+            [seal.verify(str(d), key, who, threads=threads).seconds for _ in range(runs)])
     reads = []
     for _ in range(runs):
         evict(d)
@@ -234,6 +238,9 @@ def markdown(r: dict) -> str:
                   f"{s['threads_default']} threads) |", "| --- | ---: | ---: |",
                   f"| verify, warm | {cell(s['verify_warm_1_thread_s'])} | {cell(s['verify_warm_pool_s'])} |",
                   f"| verify, cold | {cell(s['verify_cold_1_thread_s'])} | {cell(s['verify_cold_pool_s'])} |",
+                  *(["", "Verify, warm, by threads: " + ", ".join(f"{t}: {v['median']:.3f} s"
+                                                                for t, v in s["verify_warm_by_threads_s"].items()),
+                     ] if s.get("verify_warm_by_threads_s") else []),
                   "", f"Seal (pool): {s['seal_s']:.3f} s. One plain cold read of every byte (1 MiB preads, one "
                   f"thread): {cell(s['read_cold_s'])} s: what a restore reads anyway; a cold verification "
                   "leaves the image in the page cache for CRIU.", ""]
@@ -248,6 +255,7 @@ def main(argv=None) -> int:
     p.add_argument("--containerd", default="1.6")
     p.add_argument("--synthetic-only", action="store_true")
     p.add_argument("--container-only", action="store_true")
+    p.add_argument("--thread-scan", default="", help="also verify (warm) with these pool sizes, e.g. 1,2,4,8,16")
     p.add_argument("--workdir", type=Path, default=None, help="scratch space (default: a temp dir)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--name", default="seal_bench")
@@ -261,7 +269,8 @@ def main(argv=None) -> int:
                     "argv": list(argv if argv is not None else sys.argv[1:])}
     try:
         if not args.container_only:
-            result["synthetic"] = synthetic(work, size, args.runs)
+            scan = tuple(int(t) for t in args.thread_scan.split(",") if t)
+            result["synthetic"] = synthetic(work, size, args.runs, scan)
             print(json.dumps(result["synthetic"], indent=1), flush=True)
         if not args.synthetic_only:
             result["container"] = container(work, size, args.runs, args.containerd)
