@@ -77,6 +77,14 @@ def stats(samples: list[float]) -> dict:
             "max": round(max(samples), 3), "samples": [round(s, 3) for s in samples]}
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads: what verification costs, whatever else runs."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
@@ -105,14 +113,17 @@ def synthetic(workdir: Path, size: int, runs: int, scan: tuple[int, ...] = ()) -
     seal.seal(str(d), key, who)
     out["seal_s"] = round(time.perf_counter() - t, 3)
     for label, threads in (("1_thread", 1), ("pool", None)):
-        warm, cold = [], []
+        warm, cold, cpu = [], [], []
         for _ in range(runs):
             seal.verify(str(d), key, who, threads=threads)  # warm the cache for the warm sample
+            before = cpu_seconds()
             warm.append(seal.verify(str(d), key, who, threads=threads).seconds)
+            cpu.append((cpu_seconds() - before) / (out["bytes"] / GIB))
             evict(d)
             cold.append(seal.verify(str(d), key, who, threads=threads).seconds)
         out[f"verify_warm_{label}_s"] = stats(warm)
         out[f"verify_cold_{label}_s"] = stats(cold)
+        out[f"verify_warm_{label}_cpu_s_per_gib"] = stats(cpu)
     for threads in scan:  # warm verification by pool size: how it scales with cores
         seal.verify(str(d), key, who, threads=threads)
         out.setdefault("verify_warm_by_threads_s", {})[str(threads)] = stats(
@@ -238,6 +249,8 @@ def markdown(r: dict) -> str:
                   f"{s['threads_default']} threads) |", "| --- | ---: | ---: |",
                   f"| verify, warm | {cell(s['verify_warm_1_thread_s'])} | {cell(s['verify_warm_pool_s'])} |",
                   f"| verify, cold | {cell(s['verify_cold_1_thread_s'])} | {cell(s['verify_cold_pool_s'])} |",
+                  f"| CPU seconds per GiB (warm) | {cell(s['verify_warm_1_thread_cpu_s_per_gib'])} | "
+                  f"{cell(s['verify_warm_pool_cpu_s_per_gib'])} |",
                   *(["", "Verify, warm, by threads: " + ", ".join(f"{t}: {v['median']:.3f} s"
                                                                 for t, v in s["verify_warm_by_threads_s"].items()),
                      ] if s.get("verify_warm_by_threads_s") else []),
