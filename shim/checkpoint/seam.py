@@ -38,17 +38,18 @@ from shim.runtime.runc import RuntimeCommandError, read_pid_file
 log = logging.getLogger("kybernate.shim")
 
 
-def prepare_create(req, spec: dict, options: Any, bundle: str, namespace: str) -> tuple[CheckpointSettings, str]:
+async def prepare_create(req, spec: dict, options: Any, bundle: str, namespace: str) -> tuple[CheckpointSettings, str]:
     """At Create, before anything is mounted or created: (the container's checkpoint settings, the
     checked image dir to restore from or ""). Raises TTRPCError (InvalidArgument/FailedPrecondition/
     PermissionDenied) for bad annotations or a bad image, so that a refused restore leaves nothing
     behind. The image's seal is verified here (`shim.checkpoint.seal`), before anything reads the
-    image's records (our own checks, the layer stack) and long before CRIU or the CUDA driver does."""
+    image's records (our own checks, the layer stack) and long before CRIU or the CUDA driver does;
+    in a thread, since it reads the whole image (a fresh start pays no thread)."""
     cid = req.id
     settings = CheckpointSettings.from_spec(spec, options, cid)
     source, origin = restore_source(req.checkpoint, spec)
     verify_seal = functools.partial(seal.check_restore, container_id=cid, namespace=namespace, spec=spec, origin=origin)
-    image = resolve_image(source, cid, origin, verify_seal) if source else ""
+    image = await asyncio.to_thread(resolve_image, source, cid, origin, verify_seal) if source else ""
     prepare_bundle(bundle, spec, settings, cid)
     return settings, image
 
@@ -212,7 +213,8 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
             write_note(request.path, record)
         except OSError as exc:
             log.warning("container %s: cannot write the checkpoint note into %s: %s", cid, request.path, exc)
-    seal.seal_checkpoint(task, plan.image_path, seal_key)  # last: covers every file, the marker and a note
+    # last: covers every file, the marker and a note; in a thread, as it reads the whole image
+    await asyncio.to_thread(seal.seal_checkpoint, task, plan.image_path, seal_key)
     log.info("container %s: checkpoint to %s done in %.3fs", cid, plan.image_path, elapsed)
     return plan.image_path
 

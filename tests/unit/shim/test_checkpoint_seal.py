@@ -278,7 +278,7 @@ def _create(tmp_path: Path, image: Path, namespace: str = "team-a", how: str = "
         spec["annotations"]["kybernate.io/restore-from"] = str(image)
     (bundle / "config.json").write_text(json.dumps(spec))
     req = CreateRequest(checkpoint=str(image) if how == "checkpoint" else "")
-    return seam.prepare_create(req, spec, RuntimeOptions(), str(bundle), namespace)
+    return asyncio.run(seam.prepare_create(req, spec, RuntimeOptions(), str(bundle), namespace))
 
 
 def _refused_create(tmp_path, image, caplog, **kw) -> TTRPCError:
