@@ -337,7 +337,7 @@ def test_checkpoint_quiet_returns_after_the_checkpoint_rpc(tmp_path, monkeypatch
     from types import SimpleNamespace
 
     from criu.images import IMG_COMMON_MAGIC, INVENTORY_MAGIC, PSTREE_MAGIC
-    from kybernate import RUNTIME_TYPE
+    from kybernate import RUNTIME_TYPE, SEAL_MANIFEST
     from kybernate import checkpoint as ck
     from kybernate.cli import main
     from proto.containerd.types.task import task_pb2
@@ -368,6 +368,7 @@ def test_checkpoint_quiet_returns_after_the_checkpoint_rpc(tmp_path, monkeypatch
             time.sleep(1.5)
             (image / "inventory.img").write_bytes(struct.pack("<I", INVENTORY_MAGIC) + b"\0" * 12)
             (image / "pstree.img").write_bytes(struct.pack("<II", IMG_COMMON_MAGIC, PSTREE_MAGIC))
+            (image / SEAL_MANIFEST).write_text("{}")  # the shim seals it (else kybernate warns on stderr)
             calls.append(time.monotonic())
 
     monkeypatch.setattr(ck, "Containerd", SlowContainerd)
@@ -407,3 +408,53 @@ def test_nvidia_smi_usage_parses_and_sums(tmp_path):
     assert nvidia_smi_usage(lambda name: None) is None
     bad = script(tmp_path / "bad-smi", "exit 9\n")
     assert nvidia_smi_usage(lambda name: str(bad)) is None
+
+
+def test_checkpoint_says_whether_the_shim_sealed_the_image(tmp_path, monkeypatch, capsys):
+    """An unsealed image (the node has no seal key) is reported as such, with a warning on stderr: a
+    node that requires seals refuses to restore it."""
+    import struct
+    from types import SimpleNamespace
+
+    from criu.images import IMG_COMMON_MAGIC, INVENTORY_MAGIC, PSTREE_MAGIC
+    from kybernate import RUNTIME_TYPE, SEAL_MANIFEST
+    from kybernate import checkpoint as ck
+    from kybernate.cli import main
+    from proto.containerd.types.task import task_pb2
+
+    sealed = {"yes": True}
+
+    class FakeContainerd:
+        def __init__(self, address):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def container(self, namespace, cid):
+            return SimpleNamespace(runtime=SimpleNamespace(name=RUNTIME_TYPE))
+
+        def task(self, namespace, cid):
+            return SimpleNamespace(status=task_pb2.RUNNING, pid=42)
+
+        def checkpoint(self, namespace, cid, options, timeout=None):
+            from proto.anyutil import unpack
+            from proto.containerd.runc.v1 import options_pb2
+
+            image = Path(unpack(options, options_pb2.CheckpointOptions).image_path)
+            (image / "inventory.img").write_bytes(struct.pack("<I", INVENTORY_MAGIC) + b"\0" * 12)
+            (image / "pstree.img").write_bytes(struct.pack("<II", IMG_COMMON_MAGIC, PSTREE_MAGIC))
+            if sealed["yes"]:
+                (image / SEAL_MANIFEST).write_text("{}")
+
+    monkeypatch.setattr(ck, "Containerd", FakeContainerd)
+    assert main(["checkpoint", "c1", "-q", "--image-path", str(tmp_path / "a")]) == 0
+    out, err = capsys.readouterr()
+    assert ", sealed)" in out and err == ""
+    sealed["yes"] = False
+    assert main(["checkpoint", "c1", "-q", "--image-path", str(tmp_path / "b")]) == 0
+    out, err = capsys.readouterr()
+    assert "NOT sealed)" in out and "is not sealed" in err and "refuses to restore it" in err
