@@ -139,8 +139,15 @@ class DirectShim:
         self.log_path = self.home / "log"
         if log_file:
             self.log_path.touch()
+        # the node config of a sealing node (a key of its own), not the machine's /etc/kybernate
+        key = tmp / "seal.key"
+        key.write_text(secrets.token_hex(32))
+        key.chmod(0o600)
+        config = tmp / "kybernate.toml"
+        config.write_text(f'[checkpoint]\nseal_key_file = "{key}"\n')
+        config.chmod(0o644)
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-               "TTRPC_ADDRESS": self.events.path, "KYBERNATE_WARM": "0"}
+               "TTRPC_ADDRESS": self.events.path, "KYBERNATE_WARM": "0", "KYBERNATE_CONFIG": str(config)}
         r = subprocess.run([str(SHIM_BINARY), "-namespace", self.namespace, "-address",
                             str(self.run_dir / "containerd.sock"), "-id", "shim-" + self.token, "start"],
                            cwd=self.home, env=env, capture_output=True, text=True, timeout=30,
@@ -957,7 +964,7 @@ def test_daemon_with_socket_flag(tmp_path):
 @pytest.mark.skipif(not criu_works(), reason="CRIU missing or `criu check` fails here")
 def test_a_pods_other_containers_keep_answering_while_one_is_checkpointed(shim, tmp_path):
     """One shim serves a whole pod: while one container's checkpoint runs (runc + CRIU dumping ~100 MB,
-    then the shim's own work: marker, logs, scratch dir), State of another container answers fast."""
+    then the shim's own work: marker, logs, scratch dir, the seal), State of another container answers fast."""
     import threading
 
     from proto.containerd.runc.v1 import options_pb2
@@ -997,3 +1004,4 @@ def test_a_pods_other_containers_keep_answering_while_one_is_checkpointed(shim, 
     assert took > 0.3, f"the checkpoint took only {took:.2f} s: nothing to measure against"
     assert len(latencies) >= 5, latencies
     assert max(latencies) < 0.5, f"State of another container waited {max(latencies):.2f} s during the checkpoint"
+    assert (tmp_path / "image" / "kybernate-seal.json").is_file(), "the seal (hashing ~100 MB) was part of it"
