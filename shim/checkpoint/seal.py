@@ -22,19 +22,21 @@ root that leaks a cluster key lets its holder forge images for every node sharin
 limit that to one node (and to restores on it). Signatures (Ed25519) would let restore-only nodes hold
 a public key only; they need a crypto library in the shim, and can come later under a new ``format``.
 
-Why SHA-256 in pieces: with SHA-NI, OpenSSL's SHA-256 runs at 1.4 GB/s per core here, twice
-hashlib's BLAKE2b (no SIMD in CPython's BLAKE2); hashlib releases the GIL on large updates, so threads
-hash in parallel. A CRIU image is mostly one large ``pages-*.img`` per process: digests of 64 MiB
-pieces let that one file be hashed by every core too, and name the bad byte range on a mismatch.
+Why SHA-256 in pieces: with SHA-NI (AMD EPYC, Intel Xeon), OpenSSL's SHA-256 runs at about 1.4 GB/s
+per core, twice hashlib's BLAKE2b (CPython's BLAKE2 has no SIMD); verification costs about 0.85
+CPU-seconds per GiB with the reads (bench/results/seal_bench.md). hashlib releases the GIL on large
+updates, so threads hash in parallel; a CRIU image is mostly one large ``pages-*.img`` per process, so
+digests of 64 MiB pieces let that one file be hashed by every core, and name the bad byte range.
 
-Time-of-check: CRIU opens the files again by name after `verify`. Files in the node's root-owned
-checkpoint store cannot change in between unless root changes them; an image on storage that others
-can write while it is restored (a shared filesystem named in restore_roots) should be copied into the
-store first.
+Time-of-check: the seal is verified at Create; CRIU opens the files again by name at Start. Files in
+the node's root-owned checkpoint store cannot change in between unless root changes them; an image on
+storage that others can write while it is restored (a shared filesystem under restore_roots) should
+be copied into the store first (verify the copy).
 
-Standard library only (hashlib, hmac, json, os, concurrent.futures), so `kybernate` and benchmarks use
-it as is; the shim's policy around it (which key, whether unsealed images are accepted, the
-TTRPCError and audit line) is in `seal_checkpoint` / `check_restore` at the end.
+The core (`seal`, `verify`, `load_key`) uses the standard library only (hashlib, hmac, json, os,
+concurrent.futures); the shim's policy around it (which key, whether unsealed images are accepted,
+the TTRPCError and audit line) is `checkpoint_key`, `seal_checkpoint` and `check_restore` at the end.
+`kybernate` knows only the manifest's name (kybernate.SEAL_MANIFEST): it imports nothing of the shim.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 log = logging.getLogger("kybernate.shim")
 
@@ -198,13 +200,13 @@ class _Entry:
 
 
 class _Stop(Exception):
-    """Another piece already failed: this one is not needed."""
+    """A file earlier in name order already failed: this piece is not needed."""
 
 
-def _hash_piece(dir_fd: int, entry: _Entry, index: int, stop: threading.Event) -> bytes:
+def _hash_piece(dir_fd: int, entry: _Entry, index: int, needed: Callable[[], bool]) -> bytes:
     """SHA-256 of one piece of one file, read through its own descriptor (no link followed; the same
     inode as the listing saw, so a file swapped during verification is noticed)."""
-    if stop.is_set():
+    if not needed():
         raise _Stop()
     offset = index * PIECE_BYTES
     length = min(PIECE_BYTES, entry.size - offset)
@@ -212,7 +214,7 @@ def _hash_piece(dir_fd: int, entry: _Entry, index: int, stop: threading.Event) -
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (entry.dev, entry.ino) or not stat.S_ISREG(st.st_mode):
-            raise OSError(f"replaced while it was read")
+            raise OSError("replaced while it was read")
         if index == 0 and entry.size > PIECE_BYTES:
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -222,7 +224,7 @@ def _hash_piece(dir_fd: int, entry: _Entry, index: int, stop: threading.Event) -
         buf = _buffer()
         done = 0
         while done < length:
-            if stop.is_set():
+            if not needed():
                 raise _Stop()
             n = os.preadv(fd, [buf[:min(READ_BYTES, length - done)]], offset + done)
             if n == 0:
@@ -240,32 +242,36 @@ def _pieces(size: int) -> int:
 
 def _hash_all(dir_fd: int, entries: list[_Entry], threads: Optional[int],
               expected: Optional[Mapping[str, list[str]]] = None) -> tuple[dict[str, list[str]], list[tuple]]:
-    """Every piece of every file, hashed by a pool of threads. With `expected`, stops at the first
-    difference; returns (digests by name, [(name, offset, why)] of the files that differ)."""
-    stop = threading.Event()
+    """Every piece of every file, hashed by a pool of threads; returns (digests by name, [(name,
+    offset, why)] of the files that differ from `expected` or cannot be read). Once a file fails,
+    files after it in name order are left unread, files before it are still checked: the first of
+    the list is the first bad file in name order, whichever thread found what first."""
     jobs = [(e, i) for e in entries for i in range(_pieces(e.size))]
     digests: dict[str, list[Optional[str]]] = {e.name: [None] * _pieces(e.size) for e in entries}
     bad: list[tuple] = []
     lock = threading.Lock()
+    first_bad: list[Optional[str]] = [None]
+
+    def failed(name: str, offset: int, why: str) -> None:
+        with lock:
+            bad.append((name, offset, why))
+            if first_bad[0] is None or name < first_bad[0]:
+                first_bad[0] = name
 
     def one(job):
         entry, index = job
         try:
-            got = _hash_piece(dir_fd, entry, index, stop).hex()
+            got = _hash_piece(dir_fd, entry, index, lambda: first_bad[0] is None or entry.name < first_bad[0]).hex()
         except _Stop:
             return
         except OSError as exc:
-            with lock:
-                bad.append((entry.name, index * PIECE_BYTES, f"cannot be read: {exc.strerror or exc}"))
-            stop.set()
+            failed(entry.name, index * PIECE_BYTES, f"cannot be read: {exc.strerror or exc}")
             return
         digests[entry.name][index] = got
         if expected is not None and not hmac.compare_digest(got, expected[entry.name][index]):
             start = index * PIECE_BYTES
             end = min(entry.size, start + PIECE_BYTES) - 1
-            with lock:
-                bad.append((entry.name, start, f"its content differs from the seal (bytes {start}-{end})"))
-            stop.set()
+            failed(entry.name, start, f"its content differs from the seal (bytes {start}-{end})")
 
     workers = min(_workers(threads), max(1, len(jobs)))
     if workers == 1:
