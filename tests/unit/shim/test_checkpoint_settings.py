@@ -3,7 +3,6 @@ pod says becomes settings in shim.policy.untrusted (test_policy_untrusted.py).""
 import json
 import struct
 
-
 from criu.images import INVENTORY_MAGIC, IMG_COMMON_MAGIC, PSTREE_MAGIC, mark_complete
 from shim.checkpoint.settings import CheckpointSettings, prepare_bundle, recorded_options
 
