@@ -5,7 +5,8 @@ where images live and how a restore source is found is `shim.policy.store`.
 
 Where a checkpoint's image goes: the request's image_path option (checked: absolute, outside the
 bundle and rootfs, new or empty), else the runtime option CriuImagePath
-(``<CriuImagePath>/<namespace>/<id>/<UTC time>``), else the request's path (containerd's directory,
+(``<CriuImagePath>/<namespace>/<Kubernetes namespace or _>/<name>/<UTC time>``, the store's layout),
+else the request's path (containerd's directory,
 which containerd stores as the checkpoint in its content store). `kybernate checkpoint` names a
 directory in the node's store (``<store>/<namespace>/<Kubernetes namespace or _>/...``) as image_path.
 When the image goes elsewhere than the request's path, a note naming it is written into the
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -57,17 +57,18 @@ class CheckpointSettings:
 
     def image_dir(self, requested: str, request_path: str, namespace: str, container_id: str,
                   now: Optional[float] = None) -> str:
-        """Where this checkpoint's image goes (see the module docstring)."""
+        """Where this checkpoint's image goes (see the module docstring). Under CriuImagePath the
+        layout is the store's (`shim.policy.store`), so that a CriuImagePath equal to the node's store
+        gives checkpoints that restore-from finds by name; the parents are made (0700) here."""
         if requested:
             return requested
         if self.image_root:
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-            base = os.path.join(self.image_root, namespace, container_id, stamp)
-            path, n = base, 1
-            while os.path.exists(path):  # two checkpoints within one second
-                n += 1
-                path = f"{base}.{n}"
-            return path
+            from shim.policy.store import Scope, make_dirs, new_checkpoint_id
+
+            scope = self.scope or Scope(namespace, "", (container_id,))
+            parent = make_dirs(self.image_root, [scope.containerd_namespace, scope.pod_namespace or "_",
+                                                 *scope.name])
+            return os.path.join(parent, new_checkpoint_id(parent, now))
         return request_path
 
     def work_dir(self, requested: str, container_id: str) -> str:

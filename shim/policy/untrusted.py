@@ -255,8 +255,8 @@ def _containerd_checkpoint(path: str, settings: CheckpointSettings, node: NodeCo
     """containerd's checkpoint dir (trusted client): checked with the detailed errors. A dir holding
     only our note (containerd's copy of a checkpoint whose image went to an image_path or
     CriuImagePath) leads to the image it names, but the note is content that may have travelled
-    through a registry: it is followed only into this container's scope of the store, the runtime's
-    CriuImagePath/<namespace>, or the node's restore_roots."""
+    through a registry: it is followed only into this container's scope of the store or of the
+    runtime's CriuImagePath (same layout), or beneath the node's restore_roots."""
     from criu.errors import CriuImageError
     from criu.images import INVENTORY, validate_image_dir
 
@@ -285,8 +285,8 @@ def _note_target(target: str, note_dir: str, settings: CheckpointSettings, node:
     roots = []
     if settings.scope is not None:
         roots.append(settings.scope.directory(node.checkpoint_store))
-    if settings.image_root:
-        roots.append(os.path.join(settings.image_root, namespace))
+    if settings.image_root and settings.scope is not None:
+        roots.append(settings.scope.directory(settings.image_root))
     roots += [os.path.normpath(r) for r in node.restore_roots]
     try:
         if not os.path.isabs(target) or ".." in target.split("/"):

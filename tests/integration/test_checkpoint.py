@@ -103,7 +103,7 @@ def test_checkpoint_with_exit_stops_the_task_and_restores(containerd, runtime_na
         found = [d for d in images.rglob("inventory.img")]
         assert len(found) == 1, f"one image under {images}: {found}"
         image = found[0].parent
-        assert image.parent == images / cd.namespace / cid, image
+        assert image.parent == images / cd.namespace / "_" / cid, image   # the store's layout
         assert read_completion(image) is not None, "a successful checkpoint is marked complete"
     validate_image_dir(image)
     cd.ctr("tasks", "delete", cid)

@@ -44,12 +44,21 @@ def test_prepare_bundle_keeps_a_config_the_spec_names(tmp_path):
 
 # ---- where the image goes --------------------------------------------------------------------------
 def test_image_dir_precedence(tmp_path):
+    """The request's image_path, else CriuImagePath in the store's layout (parents root's alone),
+    else containerd's directory."""
+    from shim.policy.store import Scope
+
     s = CheckpointSettings({}, None, image_root=str(tmp_path / "root"))
     assert s.image_dir("/asked", "/containerd", "ns", "c1") == "/asked"
     d = s.image_dir("", "/containerd", "ns", "c1", now=0)
-    assert d == str(tmp_path / "root" / "ns" / "c1" / "19700101T000000Z")
-    (tmp_path / "root" / "ns" / "c1" / "19700101T000000Z").mkdir(parents=True)
+    assert d == str(tmp_path / "root" / "ns" / "_" / "c1" / "19700101T000000Z")
+    assert oct((tmp_path / "root" / "ns" / "_" / "c1").stat().st_mode & 0o777) == "0o700"
+    (tmp_path / "root" / "ns" / "_" / "c1" / "19700101T000000Z").mkdir()
     assert s.image_dir("", "/containerd", "ns", "c1", now=0).endswith("19700101T000000Z.2")
+    cri = CheckpointSettings({}, None, image_root=str(tmp_path / "root"),
+                             scope=Scope("k8s.io", "team-a", ("web-0", "app")))
+    assert cri.image_dir("", "/containerd", "k8s.io", "0123", now=0) == \
+        str(tmp_path / "root" / "k8s.io" / "team-a" / "web-0" / "app" / "19700101T000000Z")
     assert CheckpointSettings({}, None).image_dir("", "/containerd", "ns", "c1") == "/containerd"
     assert CheckpointSettings({}, None, work_root="/w").work_dir("", "c1") == "/w/c1"
     assert CheckpointSettings({}, None).work_dir("", "c1") == ""

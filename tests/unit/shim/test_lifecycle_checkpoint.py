@@ -140,7 +140,7 @@ def test_runtime_option_image_root_and_exit_annotation(tmp_path):
         return await c.checkpoint(request(tmp_path / "containerd-dir"))
 
     image = Path(run(go()))
-    assert image.parent == tmp_path / "root" / "ns" / "c1" and is_complete(image)
+    assert image.parent == tmp_path / "root" / "ns" / "_" / "c1" and is_complete(image)
     assert "--leave-running" not in rt.calls[0][1]
 
 

@@ -250,13 +250,13 @@ def test_a_note_leads_only_into_allowed_places(node, tmp_path, caplog):
         write_note(str(scratch), {"container_id": "c0", "image_path": str(target)})
         assert ctr_restore(node, str(scratch)).path == str(target)
     crit = tmp_path / "criu-images"
-    fake_image(crit / "default" / "c0" / "stamp")
-    fake_image(crit / "other" / "victim" / "stamp")
-    write_note(str(scratch), {"image_path": str(crit / "default" / "c0" / "stamp")})
+    fake_image(crit / "default" / "_" / "c0" / "stamp")
+    fake_image(crit / "other" / "_" / "victim" / "stamp")
+    write_note(str(scratch), {"image_path": str(crit / "default" / "_" / "c0" / "stamp")})
     assert ctr_restore(node, str(scratch), RuntimeOptions(criu_image_path=str(crit))).path.endswith("c0/stamp")
     fake_image(tmp_path / "elsewhere")
     for target in ("/etc", str(store_dir / "other" / "_" / "victim" / "ck"), str(tmp_path / "elsewhere"),
-                   str(crit / "other" / "victim" / "stamp"), "relative/x"):
+                   str(crit / "other" / "_" / "victim" / "stamp"), "relative/x"):
         write_note(str(scratch), {"image_path": target})
         with caplog.at_level(logging.WARNING, logger="kybernate.audit"):
             with pytest.raises(TTRPCError) as e:
