@@ -174,7 +174,11 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     if wanted["image_path"]:
         image, _ = _requested_dir(task, "image_path", wanted["image_path"])
     else:
-        image = settings.image_dir("", request.path, task.namespace, cid)
+        try:
+            image = settings.image_dir("", request.path, task.namespace, cid)
+        except OSError as exc:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"checkpoint container {cid}: cannot make the checkpoint "
+                             f"dir under CriuImagePath {settings.image_root}: {exc.strerror or exc}") from exc
     if not image:
         raise TTRPCError(Code.INVALID_ARGUMENT, f"checkpoint container {cid}: no image path given")
     if wanted["work_path"]:
