@@ -18,6 +18,7 @@ with a checkpoint (or a restore source in the spec: `shim.checkpoint.settings`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -29,7 +30,8 @@ from ttrpc.errors import TTRPCError
 
 from shim.bundle import INIT_PID_FILE
 from shim.checkpoint.layer import LifecycleLayer, TaskHandle
-from shim.checkpoint.settings import RESTORE_FIELDS, CheckpointSettings, prepare_bundle, recorded_options, write_note
+from shim.checkpoint.settings import (RESTORE_FIELDS, CheckpointSettings, containerd_checkpoint_source, image_problem,
+                                      prepare_bundle, recorded_options, write_note)
 from shim.policy import store, untrusted
 from shim.policy.audit import refuse
 from shim.policy.node import NodeConfig, NodeConfigError
@@ -50,9 +52,12 @@ def prepare_create(req, spec: dict, options: Any, bundle: str, node: Optional[No
             node = NodeConfig.load()
         except NodeConfigError as exc:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"create container {cid}: {exc}") from exc
-    settings = untrusted.checkpoint_settings(spec, options, node, cid, namespace)
-    source = untrusted.restore_source(req.checkpoint, spec, settings, node, cid, namespace)
-    settings = untrusted.with_restore(settings, source)
+    settings = CheckpointSettings.from_pod(untrusted.checkpoint_settings(spec, node, cid, namespace), options)
+    if req.checkpoint:   # containerd's own (a trusted client's): wins over what the spec asks
+        source = containerd_checkpoint_source(req.checkpoint, settings, node, cid, namespace)
+    else:
+        source = untrusted.pod_restore_source(spec, settings.scope, node, cid, namespace, image_problem)
+    settings = dataclasses.replace(settings, restore=source)
     prepare_bundle(bundle, spec, settings, cid)
     return settings, source.path if source else ""
 

@@ -25,9 +25,11 @@ from fsutil.atomic import atomic_write
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
-log = logging.getLogger("kybernate.shim")
+from shim.policy.node import NodeConfig
+from shim.policy.store import Scope
+from shim.policy.untrusted import NOTE_NAME, PodCheckpointSettings, RestoreSource, note_target, read_note, read_record
 
-NOTE_NAME = "kybernate-checkpoint.json"
+log = logging.getLogger("kybernate.shim")
 
 BOOL_FIELDS = ("exit", "open_tcp", "external_unix_sockets", "terminal", "file_locks")
 #: the CheckpointOptions fields that CRIU also needs on restore
@@ -42,8 +44,16 @@ class CheckpointSettings:
     plugin_dir: Optional[str]           # CRIU libdir, the node's (None: CRIU's own default)
     image_root: str = ""                # runtime option CriuImagePath
     work_root: str = ""                 # runtime option CriuWorkPath
-    scope: Any = None                   # shim.policy.store.Scope: whose checkpoints it may restore from
-    restore: Any = None                 # shim.policy.untrusted.RestoreSource when created from a checkpoint
+    scope: Optional[Scope] = None       # whose checkpoints it may restore from (shim.policy.store)
+    restore: Optional[RestoreSource] = None  # what it is restored from, when created from a checkpoint
+
+    @classmethod
+    def from_pod(cls, pod: PodCheckpointSettings, options: Any) -> "CheckpointSettings":
+        """The checked settings from the spec and the node (`shim.policy.untrusted`) with containerd's
+        runtime options (trusted) CriuImagePath and CriuWorkPath."""
+        return cls(annotated=pod.annotated, plugin_dir=pod.plugin_dir,
+                   image_root=getattr(options, "criu_image_path", "") or "",
+                   work_root=getattr(options, "criu_work_path", "") or "", scope=pod.scope)
 
     def merged(self, options: Any) -> dict:
         """The request's CheckpointOptions (None = unset) with the annotations OR-ed in."""
@@ -108,10 +118,56 @@ def write_note(directory: str, doc: Mapping) -> None:
     atomic_write(os.path.join(directory, NOTE_NAME), json.dumps(dict(doc), sort_keys=True))
 
 
+def image_problem(path: str) -> str:
+    """"" when ``path`` looks like a whole CRIU dump (`criu.images.validate_image_dir`), else why not:
+    the check `shim.policy.untrusted` applies to what a pod names."""
+    from criu.errors import CriuImageError
+    from criu.images import validate_image_dir
+
+    try:
+        validate_image_dir(path)
+    except CriuImageError as exc:
+        return str(exc)
+    return ""
+
+
+def containerd_checkpoint_source(path: str, settings: CheckpointSettings, node: NodeConfig, container_id: str,
+                                 namespace: str) -> RestoreSource:
+    """containerd's checkpoint dir (a trusted client's, e.g. ``ctr c restore``), checked with the
+    detailed errors: missing or not a directory is InvalidArgument; empty, not CRIU, corrupt or
+    incomplete is FailedPrecondition. A dir holding only our note (containerd's copy of a checkpoint
+    whose image went to an image_path or CriuImagePath) leads to the image the note names, where
+    `shim.policy.untrusted.note_target` allows it (the note is content)."""
+    from criu.errors import CriuImageError
+    from criu.images import INVENTORY, validate_image_dir
+
+    origin = "containerd checkpoint"
+    what = f"restore container {container_id} ({origin})"
+    if not os.path.isabs(path):
+        raise TTRPCError(Code.INVALID_ARGUMENT, f"{what}: checkpoint image path {path!r} is not absolute")
+    source = RestoreSource(origin=origin, key="checkpoint", value=path, path=path, trusted=True)
+    note = read_note(path)
+    target = note.get("image_path") if note else None
+    if target and not os.path.lexists(os.path.join(path, INVENTORY)) and settings.scope is not None:
+        roots = [settings.scope.directory(node.checkpoint_store)]
+        if settings.image_root:
+            roots.append(settings.scope.directory(settings.image_root))
+        roots += list(node.restore_roots)
+        source = note_target(str(target), path, roots, node, settings.scope, container_id, namespace)
+    try:
+        stats = validate_image_dir(source.path)
+    except CriuImageError as exc:
+        code = Code.INVALID_ARGUMENT if exc.reason in ("missing", "not-a-directory") else Code.FAILED_PRECONDITION
+        raise TTRPCError(code, f"{what}: {exc}") from exc
+    log.info("container %s: restore from %s (%d bytes, %d bytes of pages)", container_id, source.path,
+             stats.total_bytes, stats.page_bytes)
+    return source
+
+
 def recorded_options(image_dir: str) -> dict:
-    """The CheckpointOptions a (kybernate) checkpoint was taken with, from its completion marker."""
+    """The CheckpointOptions a (kybernate) checkpoint was taken with, from its completion marker
+    (read as an untrusted record: a regular file, size-capped)."""
     from criu.images import COMPLETE_MARKER, MARKER_VERSION
-    from shim.policy.untrusted import read_record
 
     doc = read_record(image_dir, COMPLETE_MARKER) or {}
     if doc.get("version") != MARKER_VERSION:

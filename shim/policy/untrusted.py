@@ -27,18 +27,16 @@ the audit line only.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
-from shim.checkpoint.settings import NOTE_NAME, CheckpointSettings
 from shim.policy import store
 from shim.policy.audit import ignored, refuse
 from shim.policy.node import NodeConfig
@@ -49,6 +47,7 @@ RESTORE_FROM_ANNOTATION = "kybernate.io/restore-from"
 RESTORE_FROM_ENV = "RESTORE_FROM"
 PLUGIN_DIR_ANNOTATION = "kybernate.io/criu-plugin-dir"
 CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
+NOTE_NAME = "kybernate-checkpoint.json"   # our note in containerd's checkpoint dir (shim.checkpoint.settings)
 MAX_RECORD_BYTES = 1 << 20
 RESTORE_REFUSED = "no checkpoint of that name that this container may restore from"
 
@@ -84,11 +83,20 @@ def is_sandbox(spec: Mapping) -> bool:
 
 
 # ---- checkpoint settings --------------------------------------------------------------------------
-def checkpoint_settings(spec: Mapping, options: Any, node: NodeConfig, container_id: str,
-                        namespace: str) -> CheckpointSettings:
+@dataclass(frozen=True)
+class PodCheckpointSettings:
+    """What a container's spec may say about its checkpoints, checked, with the node's part:
+    `shim.checkpoint.settings.CheckpointSettings.from_pod` adds containerd's runtime options."""
+
+    annotated: Mapping[str, bool]       # CheckpointOptions field -> True, from the option annotations
+    plugin_dir: Optional[str]           # the node's CRIU plugin dir (None: CRIU's built-in default)
+    scope: store.Scope                  # whose checkpoints it may restore from
+
+
+def checkpoint_settings(spec: Mapping, node: NodeConfig, container_id: str, namespace: str) -> PodCheckpointSettings:
     """A container's standing checkpoint settings, at Create: its option annotations (each a
     boolean, or InvalidArgument), the node's CRIU plugin dir (a pod asking for one is refused with
-    PermissionDenied), the runtime options' image/work roots, and its scope in the store."""
+    PermissionDenied), and its scope in the store."""
     ann = annotations_of(spec)
     annotated = {}
     for key, field in OPTION_ANNOTATIONS.items():
@@ -102,9 +110,7 @@ def checkpoint_settings(spec: Mapping, options: Any, node: NodeConfig, container
         scope = store.scope_of(namespace, container_id, ann)
     except ValueError as exc:
         raise TTRPCError(Code.INVALID_ARGUMENT, f"create container {container_id}: {exc}") from None
-    return CheckpointSettings(annotated=annotated, plugin_dir=node_plugin_dir(node, container_id),
-                              image_root=getattr(options, "criu_image_path", "") or "",
-                              work_root=getattr(options, "criu_work_path", "") or "", scope=scope)
+    return PodCheckpointSettings(annotated=annotated, plugin_dir=node_plugin_dir(node, container_id), scope=scope)
 
 
 def _flag(container_id: str, namespace: str, key: str, value: object) -> bool:
@@ -163,15 +169,15 @@ class RestoreSource:
                      action="restore", namespace=namespace, detail=f"at start: {reason}")
 
 
-def restore_source(checkpoint: str, spec: Mapping, settings: CheckpointSettings, node: NodeConfig,
-                   container_id: str, namespace: str) -> Optional[RestoreSource]:
-    """What a Create restores from, checked before anything is created; None for a fresh start.
+#: "" when a directory holds a whole CRIU image, else why not (the seam's check, `criu.images`)
+ImageProblem = Callable[[str], str]
 
-    containerd's ``checkpoint`` (a trusted client's, e.g. ``ctr c restore``) first, then the
-    annotation kybernate.io/restore-from, then (only where the node opts in) RESTORE_FROM in the
-    process env. Never for the CRI sandbox."""
-    if checkpoint:
-        return _containerd_checkpoint(checkpoint, settings, node, container_id, namespace)
+
+def pod_restore_source(spec: Mapping, scope: store.Scope, node: NodeConfig, container_id: str, namespace: str,
+                       image_problem: ImageProblem) -> Optional[RestoreSource]:
+    """What a Create that containerd gave no checkpoint restores from, as the pod asks, checked
+    before anything is created; None for a fresh start. The annotation kybernate.io/restore-from,
+    then (only where the node opts in) RESTORE_FROM in the process env; never for the CRI sandbox."""
     if is_sandbox(spec):
         return None
     ann = annotations_of(spec).get(RESTORE_FROM_ANNOTATION)
@@ -179,37 +185,35 @@ def restore_source(checkpoint: str, spec: Mapping, settings: CheckpointSettings,
     if ann:
         if env:
             ignored(container_id, f"env {RESTORE_FROM_ENV}", env, f"{RESTORE_FROM_ANNOTATION} is set", namespace)
-        return _pod_source(RESTORE_FROM_ANNOTATION, f"annotation {RESTORE_FROM_ANNOTATION}", ann, settings, node,
-                           container_id, namespace)
+        return _pod_source(RESTORE_FROM_ANNOTATION, f"annotation {RESTORE_FROM_ANNOTATION}", ann, scope, node,
+                           container_id, namespace, image_problem)
     if env:
         if not node.accept_restore_from_env:
             ignored(container_id, f"env {RESTORE_FROM_ENV}", env,
                     "an image's or pod's env does not choose a restore (node config "
                     "checkpoint.accept_restore_from_env is off): the container starts fresh", namespace)
             return None
-        return _pod_source(f"env {RESTORE_FROM_ENV}", f"env {RESTORE_FROM_ENV}", env, settings, node,
-                           container_id, namespace)
+        return _pod_source(f"env {RESTORE_FROM_ENV}", f"env {RESTORE_FROM_ENV}", env, scope, node,
+                           container_id, namespace, image_problem)
     return None
 
 
-def _pod_source(key: str, origin: str, value: str, settings: CheckpointSettings, node: NodeConfig,
-                container_id: str, namespace: str) -> RestoreSource:
+def _pod_source(key: str, origin: str, value: str, scope: store.Scope, node: NodeConfig, container_id: str,
+                namespace: str, image_problem: ImageProblem) -> RestoreSource:
     """A restore source a pod named: a checkpoint in its own scope of the store (a relative name, or
     an absolute path inside the scope), or beneath one of the node's restore_roots."""
     try:
-        root, name = _place(value, settings.scope, node)
-        real = _check_image(root, name, node, settings.scope)
+        root, name = _place(value, scope, node)
+        real = _check_image(root, name, node, scope, image_problem)
     except store.StoreError as exc:
         raise refuse(Code.PERMISSION_DENIED, container_id, key, value, RESTORE_REFUSED, action="restore",
                      namespace=namespace, detail=exc.reason) from None
-    log.info("container %s: restore from %s (%s, scope %s)", container_id, real, origin, settings.scope)
+    log.info("container %s: restore from %s (%s, scope %s)", container_id, real, origin, scope)
     return RestoreSource(origin=origin, key=key, value=value, path=real, root=root, name=name)
 
 
-def _place(value: str, scope: Optional[store.Scope], node: NodeConfig) -> tuple[str, str]:
+def _place(value: str, scope: store.Scope, node: NodeConfig) -> tuple[str, str]:
     """(root, relative name) for a name a pod gave; StoreError for one outside everything allowed."""
-    if scope is None:
-        raise store.StoreError("the container has no scope in the store")
     if ".." in value.split("/"):
         raise store.StoreError("holds '..'")
     scope_dir = scope.directory(node.checkpoint_store)
@@ -226,84 +230,54 @@ def _place(value: str, scope: Optional[store.Scope], node: NodeConfig) -> tuple[
     raise store.StoreError("an absolute path outside the checkpoint store and the node's restore_roots")
 
 
-def _check_image(root: str, name: str, node: NodeConfig, scope: Optional[store.Scope]) -> str:
+def _outside_scope(real: str, node: NodeConfig, scope: store.Scope) -> bool:
+    """In the store, but not in the scope (a restore root that holds the store opens no other scope)."""
+    return (store.within(real, os.path.realpath(node.checkpoint_store))
+            and not store.within(real, os.path.realpath(scope.directory(node.checkpoint_store))))
+
+
+def _check_image(root: str, name: str, node: NodeConfig, scope: store.Scope, image_problem: ImageProblem) -> str:
     """Open ``name`` beneath ``root``, make sure it is not in another scope of the store, and that it
     looks like a whole CRIU dump; returns its real path. StoreError for each reason."""
-    from criu.errors import CriuImageError
-    from criu.images import validate_image_dir
-
     if store.within(root, node.checkpoint_store):
         store.check_store_root(node.checkpoint_store)
     fd = store.open_beneath(root, name)
     try:
         real = store.real_path(fd)
-        if scope is not None and store.within(real, os.path.realpath(node.checkpoint_store)) and \
-                not store.within(real, os.path.realpath(scope.directory(node.checkpoint_store))):
+        if _outside_scope(real, node, scope):
             raise store.StoreError(f"{real} is in the checkpoint store outside this container's scope {scope}")
         via = f"/proc/self/fd/{fd}"
-        try:
-            validate_image_dir(via)
-        except CriuImageError as exc:
-            raise store.StoreError(f"{real}: {str(exc).replace(via, real)}") from None
+        problem = image_problem(via)
+        if problem:
+            raise store.StoreError(f"{real}: {problem.replace(via, real)}")
     finally:
         os.close(fd)
     return real
 
 
-def _containerd_checkpoint(path: str, settings: CheckpointSettings, node: NodeConfig, container_id: str,
-                           namespace: str) -> RestoreSource:
-    """containerd's checkpoint dir (trusted client): checked with the detailed errors. A dir holding
-    only our note (containerd's copy of a checkpoint whose image went to an image_path or
-    CriuImagePath) leads to the image it names, but the note is content that may have travelled
-    through a registry: it is followed only into this container's scope of the store or of the
-    runtime's CriuImagePath (same layout), or beneath the node's restore_roots."""
-    from criu.errors import CriuImageError
-    from criu.images import INVENTORY, validate_image_dir
-
-    origin = "containerd checkpoint"
-    what = f"restore container {container_id} ({origin})"
-    if not os.path.isabs(path):
-        raise TTRPCError(Code.INVALID_ARGUMENT, f"{what}: checkpoint image path {path!r} is not absolute")
-    source = RestoreSource(origin=origin, key="checkpoint", value=path, path=path, trusted=True)
-    note = read_note(path)
-    target = note.get("image_path") if note else None
-    if target and not os.path.lexists(os.path.join(path, INVENTORY)):
-        source = _note_target(str(target), path, settings, node, container_id, namespace)
-    try:
-        stats = validate_image_dir(source.path)
-    except CriuImageError as exc:
-        code = Code.INVALID_ARGUMENT if exc.reason in ("missing", "not-a-directory") else Code.FAILED_PRECONDITION
-        raise TTRPCError(code, f"{what}: {exc}") from exc
-    log.info("container %s: restore from %s (%d bytes, %d bytes of pages)", container_id, source.path,
-             stats.total_bytes, stats.page_bytes)
-    return source
-
-
-def _note_target(target: str, note_dir: str, settings: CheckpointSettings, node: NodeConfig,
-                 container_id: str, namespace: str) -> RestoreSource:
+def note_target(target: str, note_dir: str, roots: list[str], node: NodeConfig, scope: store.Scope,
+                container_id: str, namespace: str) -> RestoreSource:
+    """Where our note in containerd's checkpoint dir leads. The note is content that may have
+    travelled through a registry: it is followed only beneath ``roots`` (the container's scope of the
+    store and of CriuImagePath, the node's restore_roots), without links, never into another scope
+    of the store; else PermissionDenied naming the note."""
     key = f"{NOTE_NAME} image_path"
-    roots = []
-    if settings.scope is not None:
-        roots.append(settings.scope.directory(node.checkpoint_store))
-    if settings.image_root and settings.scope is not None:
-        roots.append(settings.scope.directory(settings.image_root))
-    roots += [os.path.normpath(r) for r in node.restore_roots]
     try:
         if not os.path.isabs(target) or ".." in target.split("/"):
             raise store.StoreError("not an absolute path without '..'")
-        root = next((r for r in roots if store.within(target, r) and os.path.normpath(target) != r), None)
+        root = next((os.path.normpath(r) for r in roots
+                     if store.within(target, r) and os.path.normpath(target) != os.path.normpath(r)), None)
         if root is None:
-            raise store.StoreError("outside this container's scope of the store, the runtime's CriuImagePath "
-                                   "and the node's restore_roots")
+            raise store.StoreError("outside this container's scope of the store and of CriuImagePath, and "
+                                   "outside the node's restore_roots")
         name = os.path.relpath(os.path.normpath(target), root)
         fd = store.open_beneath(root, name)
         try:
             real = store.real_path(fd)
         finally:
             os.close(fd)
-        if settings.scope is not None and store.within(real, os.path.realpath(node.checkpoint_store)) and \
-                not store.within(real, os.path.realpath(settings.scope.directory(node.checkpoint_store))):
-            raise store.StoreError(f"{real} is in the checkpoint store outside this container's scope")
+        if _outside_scope(real, node, scope):
+            raise store.StoreError(f"{real} is in the checkpoint store outside this container's scope {scope}")
     except store.StoreError as exc:
         raise refuse(Code.PERMISSION_DENIED, container_id, key, target, "the note in containerd's checkpoint "
                      f"{note_dir} leads to an image this container may not restore from", action="restore",
@@ -349,6 +323,3 @@ def read_note(directory: str) -> Optional[dict]:
     """Our note in a checkpoint dir (`shim.checkpoint.settings.write_note`), as an untrusted record."""
     return read_record(directory, NOTE_NAME)
 
-
-def with_restore(settings: CheckpointSettings, source: Optional[RestoreSource]) -> CheckpointSettings:
-    return dataclasses.replace(settings, restore=source)

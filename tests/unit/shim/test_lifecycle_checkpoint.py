@@ -15,7 +15,7 @@ import pytest
 from criu.images import IMG_COMMON_MAGIC, INVENTORY_MAGIC, PSTREE_MAGIC, is_complete, mark_complete
 from shim.checkpoint.layer import PlainLayer
 from shim.gpu import lifecycle as gpu
-from shim.checkpoint.settings import NOTE_NAME
+from shim.checkpoint.settings import NOTE_NAME, CheckpointSettings
 from shim.policy.node import NodeConfig
 from shim.policy.untrusted import checkpoint_settings
 from shim.task.container import Container
@@ -83,7 +83,7 @@ def make(tmp_path: Path, runtime: FakeRuntime, annotations=None, state=State.RUN
     spec = {"ociVersion": "1.0.2", "annotations": dict(annotations or {})}
     opts = options or RuntimeOptions()
     c = Container("c1", str(bundle), "ns", runtime, None, spec, "", opts, None)
-    c.checkpoint_settings = checkpoint_settings(spec, opts, NodeConfig(), "c1", "ns")
+    c.checkpoint_settings = CheckpointSettings.from_pod(checkpoint_settings(spec, NodeConfig(), "c1", "ns"), opts)
     init = InitProcess("c1", "c1", StdioPaths())
     if state is State.CREATED_CHECKPOINT:
         init.current = CreatedFromCheckpoint(init, image)

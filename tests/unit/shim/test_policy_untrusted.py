@@ -1,8 +1,10 @@
 """What a pod or an image says, made into checkpoint settings or refused (shim.policy.untrusted): the
 option annotations, the CRIU plugin dir (the node's only), kybernate.io/restore-from resolved in the
-container's scope of the store, RESTORE_FROM in the env, containerd's own checkpoint and its note."""
+container's scope of the store, RESTORE_FROM in the env; and containerd's own checkpoint with its note
+(shim.checkpoint.settings.containerd_checkpoint_source), and which wins (shim.checkpoint.seam)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
@@ -12,10 +14,12 @@ import pytest
 
 from criu.images import IMG_COMMON_MAGIC, INVENTORY_MAGIC, PSTREE_MAGIC
 from proto.containerd.runc.v1 import options_pb2
-from shim.checkpoint.settings import NOTE_NAME, write_note
+from shim.checkpoint import seam
+from shim.checkpoint.settings import (NOTE_NAME, CheckpointSettings, containerd_checkpoint_source, image_problem,
+                                      write_note)
 from shim.policy import untrusted
 from shim.policy.node import NodeConfig
-from shim.policy.untrusted import RESTORE_REFUSED, checkpoint_settings, restore_source
+from shim.policy.untrusted import RESTORE_REFUSED, checkpoint_settings, pod_restore_source
 from shim.runtime.options import RuntimeOptions
 from ttrpc import Code, TTRPCError
 
@@ -36,7 +40,7 @@ def fake_image(d: Path) -> Path:
 
 
 def settings_for(node, annotations=None, ns="default", cid="c1", options=None):
-    return checkpoint_settings(spec(annotations), options, node, cid, ns)
+    return CheckpointSettings.from_pod(checkpoint_settings(spec(annotations), node, cid, ns), options)
 
 
 # ---- annotations -> options ---------------------------------------------------------------------
@@ -115,8 +119,8 @@ def node(tmp_path):
 
 def restore(node, value, annotations=None, ns="default", env=()):
     ann = {**(annotations or {}), **({"kybernate.io/restore-from": value} if value is not None else {})}
-    s = checkpoint_settings(spec(ann, env), None, node, "c1", ns)
-    return restore_source("", spec(ann, env), s, node, "c1", ns)
+    s = checkpoint_settings(spec(ann, env), node, "c1", ns)
+    return pod_restore_source(spec(ann, env), s.scope, node, "c1", ns, image_problem)
 
 
 def test_a_name_in_the_containers_own_scope_is_found(node):
@@ -209,8 +213,7 @@ def test_a_checkpoint_removed_between_create_and_start_is_the_same_refusal(node,
 
 # ---- containerd's own checkpoint (a trusted client) and its note ---------------------------------------
 def ctr_restore(node, path, options=None, ns="default"):
-    s = checkpoint_settings(spec(), options, node, "c1", ns)
-    return restore_source(path, spec({"kybernate.io/restore-from": "/etc"}), s, node, "c1", ns)
+    return containerd_checkpoint_source(path, settings_for(node, ns=ns, options=options), node, "c1", ns)
 
 
 @pytest.mark.parametrize("kind,code,words", [
@@ -237,9 +240,25 @@ def test_containerds_checkpoint_gets_the_detailed_errors(node, tmp_path, kind, c
 
 
 def test_containerds_checkpoint_wins_and_is_trusted(node, tmp_path):
+    """At Create (seam.prepare_create): containerd's checkpoint, from anywhere (a trusted client),
+    over the annotation; the CRIU config names the node's plugin dir."""
     image = fake_image(tmp_path / "anywhere")
-    src = ctr_restore(node, str(image))
-    assert src.path == str(image) and src.trusted and src.origin == "containerd checkpoint"
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    s0 = spec({"kybernate.io/restore-from": "/etc"})
+    (bundle / "config.json").write_text(json.dumps(s0))
+
+    class Req:
+        id = "c1"
+        checkpoint = str(image)
+
+    settings, path = seam.prepare_create(Req(), s0, None, str(bundle), node, "default")
+    assert path == str(image) and settings.restore.trusted and settings.restore.origin == "containerd checkpoint"
+    assert settings.scope.directory("/s") == "/s/default/_" and settings.plugin_dir is None
+    Req.checkpoint = ""
+    with pytest.raises(TTRPCError) as e:
+        seam.prepare_create(Req(), s0, None, str(bundle), node, "default")
+    assert e.value.code == Code.PERMISSION_DENIED
 
 
 def test_a_note_leads_only_into_allowed_places(node, tmp_path, caplog):
