@@ -360,7 +360,8 @@ def test_checkpoint_and_restore_through_the_pod_annotation(cri_cd, client):
 
 def test_a_pod_of_another_namespace_cannot_restore_it(cri_cd, client):
     """The same checkpoint, named by a pod of another Kubernetes namespace (relative, or by its path
-    in the store): CreateContainer is refused with the one sentence for every refused restore."""
+    in the store): the task's Create (CRI StartContainer) is refused with the one sentence for every
+    refused restore."""
     pod_id, sandbox = client.run_pod("victim")
     cid = client.create(pod_id, sandbox, "app", COUNTER)
     client.start(cid)
@@ -371,11 +372,27 @@ def test_a_pod_of_another_namespace_cannot_restore_it(cri_cd, client):
     for value in (f"victim/app/{image.name}", str(image), f"../kybtest/victim/app/{image.name}"):
         pod2, sandbox2 = client.run_pod("thief", annotations={"kybernate.io/restore-from": value},
                                         namespace="other-team")
+        thief = client.create(pod2, sandbox2, "app", COUNTER)
         with pytest.raises(grpc.RpcError) as refused:
-            client.create(pod2, sandbox2, "app", COUNTER)
+            client.start(thief)
         assert "no checkpoint of that name that this container may restore from" in refused.value.details(), \
             refused.value.details()
         client.remove_pod(pod2)
+
+
+def test_a_pod_asking_for_a_criu_plugin_dir_is_refused(cri_cd, client, tmp_path):
+    """The pod annotation reaches the sandbox first: RunPodSandbox is refused naming the key, and a
+    container annotation refuses the container's start; nothing is loaded from the directory."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    with pytest.raises(grpc.RpcError) as refused:
+        client.run_pod("plugin", annotations={"kybernate.io/criu-plugin-dir": str(plugins)})
+    assert f"kybernate.io/criu-plugin-dir={str(plugins)!r}" in refused.value.details(), refused.value.details()
+    pod_id, sandbox = client.run_pod("plugin-container")
+    cid = client.create(pod_id, sandbox, "app", COUNTER, annotations={"kybernate.io/criu-plugin-dir": str(plugins)})
+    with pytest.raises(grpc.RpcError) as refused:
+        client.start(cid)
+    assert "plugin dir comes only from the node's config" in refused.value.details(), refused.value.details()
 
 
 class Registry:
