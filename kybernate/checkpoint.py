@@ -265,9 +265,11 @@ def checkpoint(args) -> int:
             raise OperatorError(f"container {target} is not running (task: {state}): nothing to checkpoint")
         if args.cri_archive:
             return _checkpoint_cri(client, target, Path(args.cri_archive).absolute(), args)
-        store = checkpoint_store()
-        scope = scope_of(target.namespace, target.id, container)
-        image_dir = Path(args.image_path).absolute() if args.image_path else default_image_dir(store, scope)
+        in_store = not args.image_path
+        if in_store:
+            image_dir = default_image_dir(checkpoint_store(), scope_of(target.namespace, target.id, container))
+        else:
+            image_dir = Path(args.image_path).absolute()
         if image_dir.exists() and (not image_dir.is_dir() or any(image_dir.iterdir())):
             raise OperatorError(f"{image_dir} exists and is not an empty directory: choose another --image-path")
         options = checkpoint_options(args, image_dir)
@@ -290,7 +292,6 @@ def checkpoint(args) -> int:
     print(f"checkpoint of {target}: {image_dir} ({human(size)}, {progress.seconds:.1f} s)"
           + ("; the task has exited" if args.exit else "") + note)
     if args.exit:
-        in_store = restore_name(image_dir, store, scope) != str(image_dir)
         hint = (f"kybernate restore {args.target} --from {image_dir}" if target.kubernetes or not in_store
                 else f"kybernate -n {target.namespace} restore {target.id}")
         print(f"restore with: {hint}")

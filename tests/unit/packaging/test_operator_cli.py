@@ -366,6 +366,7 @@ def test_checkpoint_quiet_returns_after_the_checkpoint_rpc(tmp_path, monkeypatch
 
             image = Path(unpack(options, options_pb2.CheckpointOptions).image_path)
             time.sleep(1.5)
+            image.mkdir(parents=True)   # the shim makes the image dir (and removes it if the checkpoint fails)
             (image / "inventory.img").write_bytes(struct.pack("<I", INVENTORY_MAGIC) + b"\0" * 12)
             (image / "pstree.img").write_bytes(struct.pack("<II", IMG_COMMON_MAGIC, PSTREE_MAGIC))
             calls.append(time.monotonic())
