@@ -1,5 +1,5 @@
 """The checkpoint/restore seam: the one place a container calls for Checkpoint and for Create/Start
-with a checkpoint (or a restore source in the spec: `shim.checkpoint.settings`). It works on a
+with a checkpoint (or a restore source in the spec: `shim.policy.untrusted`). It works on a
 `TaskHandle` and the container's layer stack (`shim.checkpoint.layer`), never on the container.
 
 - `prepare_create`: at Create, before anything is created: the container's checkpoint settings and
@@ -10,10 +10,10 @@ with a checkpoint (or a restore source in the spec: `shim.checkpoint.settings`).
   marked complete and a note goes into containerd's directory; on failure the task is left running
   and thawed, the error quotes CRIU's first error and the image is not claimed as good.
 - `restore`: at Start, the image found again beneath its root (`shim.policy.store`: CRIU reads the
-  directory that was checked, through the shim's fd), the layer's before_restore, then ``runc restore`` with the new task's IO
-  (pipes, or the console socket) and the CRIU options the checkpoint used; returns the restored
-  init's pid. The container attaches its IO, then calls the layer's after_restore; on any failure the
-  container undoes the restore (nothing of it is left but containerd's record of a stopped task).
+  directory that was checked, through the shim's fd), the layer's before_restore, then
+  ``runc restore`` with the new task's IO (pipes, or the console socket) and the CRIU options the
+  checkpoint used; returns the restored init's pid. The container attaches its IO, then calls the
+  layer's after_restore; on any failure the container undoes the restore (nothing of it is left but containerd's record of a stopped task).
 """
 from __future__ import annotations
 
@@ -260,7 +260,6 @@ async def restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings:
 
     The image is opened again the way it was found at Create (beneath its root, no links), and
     runc, CRIU and the layer read it through the shim's fd: what they read is what was checked."""
-
     cid = task.id
     source = settings.restore
     image_fd = source.open(cid, task.namespace) if source is not None else -1

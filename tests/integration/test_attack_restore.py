@@ -231,8 +231,9 @@ def test_checkpoint_image_paths_are_bound_by_sanity(containerd, container_id, tm
         bundle_before = {p: v for p, v in _tree(bundle).items() if "/rootfs/tmp/count" not in p}
         full_before = _tree(full)
         # the host's /etc last: a shim that let the others through has failed before it writes there
-        cases = [("image_path", str(full)), ("image_path", "ckpt"), ("image_path", str(bundle / "rootfs" / "tmp" / "x")),
-                 ("image_path", str(bundle / "ckpt")), ("work_path", "work"), ("work_path", str(full)),
+        cases = [("image_path", str(full)), ("image_path", "ckpt"),
+                 ("image_path", str(bundle / "rootfs" / "tmp" / "x")), ("image_path", str(bundle / "ckpt")),
+                 ("work_path", "work"), ("work_path", str(full)),
                  ("image_path", "/etc"), ("work_path", "/etc")]
         for key, value in cases:
             fields = {key: value} if key == "image_path" else {"image_path": str(tmp_path / "img"), key: value}

@@ -139,7 +139,8 @@ def test_target_dir_rules(tmp_path):
     assert store.target_dir(str(empty), forbidden) == (str(empty), True)
     for value, why in [("rel/dir", "not an absolute path"), (str(full), "already holds files"),
                        (str(full / "x"), "not a directory"), (str(bundle / "ck"), "inside"),
-                       (str(bundle / "rootfs" / "tmp" / "ck"), "inside"), (str(tmp_path / "to-bundle" / "ck"), "inside"),
+                       (str(bundle / "rootfs" / "tmp" / "ck"), "inside"),
+                       (str(tmp_path / "to-bundle" / "ck"), "inside"),
                        ("/etc", "already holds files")]:
         with pytest.raises(ValueError, match=why):
             store.target_dir(value, forbidden)
