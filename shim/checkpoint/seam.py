@@ -13,7 +13,8 @@ with a checkpoint (or a restore source in the spec: `shim.policy.untrusted`). It
   directory that was checked, through the shim's fd), the layer's before_restore, then
   ``runc restore`` with the new task's IO (pipes, or the console socket) and the CRIU options the
   checkpoint used; returns the restored init's pid. The container attaches its IO, then calls the
-  layer's after_restore; on any failure the container undoes the restore (nothing of it is left but containerd's record of a stopped task).
+  layer's after_restore; on any failure the container undoes the restore (nothing of it is left but
+  containerd's record of a stopped task).
 """
 from __future__ import annotations
 
