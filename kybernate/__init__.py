@@ -9,7 +9,6 @@ SHIM_BINARY = "containerd-shim-kybernate-v1"
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_CONFIG = "/etc/containerd/config.toml"
 CRI_NAMESPACE = "k8s.io"
-CHECKPOINT_ROOT = "/var/lib/kybernate/checkpoints"
 RESTORE_ANNOTATION = "kybernate.io/restore-from"
 
 # Labels the CRI plugin puts on every container it creates (kubelet's metadata).

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Checkpoint a container run by kybernate into a CRIU image directory "
                                    "(or, with --cri-archive, a CRI checkpoint archive).")
     c.add_argument("target", metavar="TARGET", help="container id, or NAMESPACE/POD[/CONTAINER]")
-    c.add_argument("--image-path", help="directory for the CRIU image (default "
-                                        "/var/lib/kybernate/checkpoints/<ns>/<id>/<UTC time>)")
+    c.add_argument("--image-path", help="directory for the CRIU image, new or empty (default: the node's "
+                                        "checkpoint store, /var/lib/kybernate/checkpoints/<ns>/_/<id>/<UTC time>, "
+                                        "<store>/k8s.io/<pod ns>/<pod>/<container>/<UTC time> for pods)")
     c.add_argument("--work-path", help="CRIU work directory (logs); default: the shim's")
     c.add_argument("--exit", action="store_true", help="stop the container after the checkpoint "
                                                        "(default: leave it running)")
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("target", metavar="TARGET", help="container id, or NAMESPACE/POD/CONTAINER")
     r.add_argument("--from", dest="from_", metavar="PATH",
                    help="checkpoint directory (or CRI archive); default for containerd ids: the newest "
-                        "under /var/lib/kybernate/checkpoints/<ns>/<id>")
+                        "in the node's checkpoint store (<store>/<ns>/_/<id>). One outside the store "
+                        "restores only from beneath the node config's checkpoint.restore_roots")
     r.add_argument("--new-id", help="containerd ids: restore as this new container id")
     r.add_argument("--image", help="image for the restored container (default: the original's)")
     r.add_argument("--net-host", action="store_true", help="containerd ids: host network")

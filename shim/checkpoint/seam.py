@@ -1,22 +1,25 @@
 """The checkpoint/restore seam: the one place a container calls for Checkpoint and for Create/Start
-with a checkpoint (or a restore source in the spec: `shim.checkpoint.settings`). It works on a
+with a checkpoint (or a restore source in the spec: `shim.policy.untrusted`). It works on a
 `TaskHandle` and the container's layer stack (`shim.checkpoint.layer`), never on the container.
 
-- `prepare_create`: at Create, before anything is created: the container's checkpoint settings, the
-  image to restore from (checked: a bad one refuses the Create) and the per-task CRIU config file
-  named in config.json (runc hands it to CRIU: plugin dir).
+- `prepare_create`: at Create, before anything is created: the container's checkpoint settings and
+  the image to restore from, both from `shim.policy.untrusted` (a bad one refuses the Create), and
+  the per-task CRIU config file named in config.json (runc hands it to CRIU: the node's plugin dir).
 - `checkpoint`: containerd's CheckpointOptions OR-ed with the container's annotations ->
   ``runc checkpoint`` (`criu.plans`), the layer's hooks around it (CUDA: `shim.gpu.lifecycle`); on success the image is
   marked complete and a note goes into containerd's directory; on failure the task is left running
   and thawed, the error quotes CRIU's first error and the image is not claimed as good.
-- `restore`: at Start, the layer's before_restore, then ``runc restore`` with the new task's IO
-  (pipes, or the console socket) and the CRIU options the checkpoint used; returns the restored
-  init's pid. The container attaches its IO, then calls the layer's after_restore; on any failure the
-  container undoes the restore (nothing of it is left but containerd's record of a stopped task).
+- `restore`: at Start, the image found again beneath its root (`shim.policy.store`: CRIU reads the
+  directory that was checked, through the shim's fd), the layer's before_restore, then
+  ``runc restore`` with the new task's IO (pipes, or the console socket) and the CRIU options the
+  checkpoint used; returns the restored init's pid. The container attaches its IO, then calls the
+  layer's after_restore; on any failure the container undoes the restore (nothing of it is left but
+  containerd's record of a stopped task).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -28,23 +31,53 @@ from ttrpc.errors import TTRPCError
 
 from shim.bundle import INIT_PID_FILE
 from shim.checkpoint.layer import LifecycleLayer, TaskHandle
-from shim.checkpoint.settings import (RESTORE_FIELDS, CheckpointSettings, prepare_bundle, recorded_options,
-                                      resolve_image, restore_source, write_note)
+from shim.checkpoint.settings import (RESTORE_FIELDS, CheckpointSettings, containerd_checkpoint_source, image_problem,
+                                      prepare_bundle, recorded_options, write_note)
+from shim.policy import store, untrusted
+from shim.policy.audit import refuse
+from shim.policy.node import NodeConfig, NodeConfigError
 from shim.runtime.runc import RuntimeCommandError, read_pid_file
 
 log = logging.getLogger("kybernate.shim")
 
 
-def prepare_create(req, spec: dict, options: Any, bundle: str) -> tuple[CheckpointSettings, str]:
+def prepare_create(req, spec: dict, options: Any, bundle: str, node: Optional[NodeConfig] = None,
+                   namespace: str = "") -> tuple[CheckpointSettings, str]:
     """At Create, before anything is mounted or created: (the container's checkpoint settings, the
-    checked image dir to restore from or ""). Raises TTRPCError (InvalidArgument/FailedPrecondition)
-    for bad annotations or a bad image, so that a refused restore leaves nothing behind."""
+    checked image dir to restore from or ""). Raises TTRPCError (InvalidArgument, PermissionDenied,
+    FailedPrecondition) for bad annotations or a bad image, so that a refused restore leaves nothing
+    behind."""
     cid = req.id
-    settings = CheckpointSettings.from_spec(spec, options, cid)
-    source, origin = restore_source(req.checkpoint, spec)
-    image = resolve_image(source, cid, origin) if source else ""
+    if node is None:
+        try:
+            node = NodeConfig.load()
+        except NodeConfigError as exc:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"create container {cid}: {exc}") from exc
+    settings = CheckpointSettings.from_pod(untrusted.checkpoint_settings(spec, node, cid, namespace), options)
+    if req.checkpoint:   # containerd's own (a trusted client's): wins over what the spec asks
+        source = containerd_checkpoint_source(req.checkpoint, settings, node, cid, namespace)
+    else:
+        source = untrusted.pod_restore_source(spec, settings.scope, node, cid, namespace, image_problem)
+    settings = dataclasses.replace(settings, restore=source)
     prepare_bundle(bundle, spec, settings, cid)
-    return settings, image
+    return settings, source.path if source else ""
+
+
+def _rootfs_of(bundle: str, spec) -> str:
+    root = spec.get("root") if isinstance(spec, dict) else None
+    path = root.get("path") if isinstance(root, dict) else None
+    path = path if isinstance(path, str) and path else "rootfs"
+    return path if os.path.isabs(path) else os.path.join(bundle, path)
+
+
+def _requested_dir(task: TaskHandle, key: str, value: str) -> tuple[str, bool]:
+    """A CheckpointOptions dir from containerd's client: (real path, existed before), or
+    InvalidArgument naming it (relative, inside the bundle or rootfs, not new or empty)."""
+    try:
+        return store.target_dir(value, [task.bundle, _rootfs_of(task.bundle, task.spec)])
+    except ValueError as exc:
+        raise refuse(Code.INVALID_ARGUMENT, task.id, f"CheckpointOptions.{key}", value, str(exc),
+                     action="checkpoint", namespace=task.namespace) from None
 
 
 def _checkpoint_options(request, container_id: str):
@@ -144,10 +177,20 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     cid = task.id
     opts = _checkpoint_options(request, cid)
     wanted = settings.merged(opts)
-    image = settings.image_dir(wanted["image_path"], request.path, task.namespace, cid)
+    if wanted["image_path"]:
+        image, _ = _requested_dir(task, "image_path", wanted["image_path"])
+    else:
+        try:
+            image = settings.image_dir("", request.path, task.namespace, cid)
+        except OSError as exc:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"checkpoint container {cid}: cannot make the checkpoint "
+                             f"dir under CriuImagePath {settings.image_root}: {exc.strerror or exc}") from exc
     if not image:
         raise TTRPCError(Code.INVALID_ARGUMENT, f"checkpoint container {cid}: no image path given")
-    work = settings.work_dir(wanted["work_path"], cid)
+    if wanted["work_path"]:
+        work, _ = _requested_dir(task, "work_path", wanted["work_path"])
+    else:
+        work = settings.work_dir("", cid)
     scratch = "" if work else os.path.join(task.bundle, "criu-work")
     try:
         plan = CheckpointPlan(container_id=cid, image_path=image, work_path=work or scratch,
@@ -158,9 +201,9 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
                               cgroups_mode=wanted["cgroups_mode"])
     except ValueError as exc:
         raise TTRPCError(Code.INVALID_ARGUMENT, f"checkpoint container {cid}: {exc}") from exc
-    created_image = not os.path.exists(plan.image_path)
+    created_image = not os.path.lexists(plan.image_path)  # only what the shim made is removed on failure
     try:
-        os.makedirs(plan.image_path, exist_ok=True)
+        os.makedirs(plan.image_path, mode=0o700, exist_ok=True)
         os.makedirs(plan.work_path, exist_ok=True)
         clear_complete(plan.image_path)
     except OSError as exc:
@@ -214,7 +257,26 @@ async def restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings:
     """Start of a container created from a checkpoint: the layer's before_restore (GPU placement:
     decided before anything is created), then ``runc restore --detach`` with the new task's IO (its
     pipes become the restored process's stdio; a terminal task gets the console socket). Returns the
-    restored init's pid. The caller undoes everything on failure."""
+    restored init's pid. The caller undoes everything on failure.
+
+    The image is opened again the way it was found at Create (beneath its root, no links), and
+    runc, CRIU and the layer read it through the shim's fd: what they read is what was checked."""
+    cid = task.id
+    source = settings.restore
+    image_fd = source.open(cid, task.namespace) if source is not None else -1
+    try:
+        if image_fd >= 0:
+            log.info("container %s: restore from %s (%s), read through %s", cid, source.path, source.origin,
+                     store.fd_path(image_fd))
+        return await _restore(task, layer, store.fd_path(image_fd) if image_fd >= 0 else image, settings,
+                              stdio=stdio, console_socket=console_socket, terminal=terminal, no_pivot=no_pivot)
+    finally:
+        if image_fd >= 0:
+            os.close(image_fd)
+
+
+async def _restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings: CheckpointSettings, *,
+                   stdio: Any, console_socket: Optional[str], terminal: bool, no_pivot: bool) -> int:
     from criu.plans import RestorePlan
 
     cid = task.id

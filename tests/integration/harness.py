@@ -14,12 +14,19 @@ config.toml (version 2 for 1.6/1.7, version 3 for 2.1) declaring the runtimes io
 which containerd finds the matching containerd-shim-runc-v2, our shim (REPO/.venv/bin), CRIU 4
 (/usr/local/sbin) and the matching runc (bookworm's 1.1 for 1.6/1.7, runc 1.3 for 2.1).
 The debug log of containerd (and of the shims, which log through it) is workdir/containerd.log.
+
+Each instance also has its own kybernate node config (workdir/kybernate.toml, named to containerd and
+so to the shims by KYBERNATE_CONFIG; `kybernate` run with ``cd.env`` reads it too): the checkpoint
+store is workdir/checkpoints, and checkpoint.restore_roots is the workdir's parent (pytest's tmp
+dirs, where tests put their images) unless ``restore_roots`` says otherwise. `node_config()` changes
+it for a while (the shim reads it at every Create).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import errno
 import hashlib
 import os
@@ -230,9 +237,10 @@ class Containerd:
     """A private containerd of one version. See the module docstring."""
 
     def __init__(self, version: str, workdir: Path | str, namespace: str | None = None,
-                 extra_config: str = "", keep_log: bool = True):
+                 extra_config: str = "", keep_log: bool = True, restore_roots: Sequence[str] | None = None):
         """extra_config: TOML appended to the generated config (must not repeat its tables).
-        keep_log: leave workdir/containerd.log after stop() (the only thing left)."""
+        keep_log: leave workdir/containerd.log after stop() (the only thing left).
+        restore_roots: the node config's checkpoint.restore_roots (default: the workdir's parent)."""
         self.version = version
         self.install = installation(version)
         self.workdir = Path(workdir).resolve()
@@ -252,6 +260,9 @@ class Containerd:
         self.cni_dir = self.workdir / "cni"
         self.runc_root = RUNC_DEFAULT_ROOT / self.namespace   # where ctr-started runc containers live
         self.cri_runc_root = self.state / "runc"               # CRI runtime "runc" (Root option)
+        self.node_config_path = self.workdir / "kybernate.toml"
+        self.checkpoint_store = self.workdir / "checkpoints"
+        self.restore_roots = [str(self.workdir.parent)] if restore_roots is None else [str(r) for r in restore_roots]
         self.env = self._environment()
         self.proc: subprocess.Popen | None = None
         self._log_file = None
@@ -270,7 +281,37 @@ class Containerd:
         env = {k: v for k, v in os.environ.items()
                if k in ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "TERM")}
         env["PATH"] = os.pathsep.join(self.install.path_dirs)
+        env["KYBERNATE_CONFIG"] = str(self.node_config_path)
         return env
+
+    # ---- kybernate's node config -------------------------------------------------------------
+    def node_config_toml(self, **sections: Mapping[str, object]) -> str:
+        """The node config: the instance's store and restore roots, with ``sections`` over them
+        (``criu={"plugin_dir": ...}``, ``checkpoint={"accept_restore_from_env": True}``)."""
+        tables: dict[str, dict] = {"checkpoint": {"store": str(self.checkpoint_store),
+                                                  "restore_roots": list(self.restore_roots)}}
+        for name, values in sections.items():
+            tables.setdefault(name, {}).update(values)
+        lines = []
+        for name, values in tables.items():
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]   # JSON scalars/lists are TOML
+        return "\n".join(lines) + "\n"
+
+    def write_node_config(self, **sections: Mapping[str, object]) -> None:
+        tmp = self.node_config_path.with_suffix(".tmp")
+        tmp.write_text(self.node_config_toml(**sections))
+        tmp.chmod(0o644)   # the shim refuses a node config that others may write
+        tmp.replace(self.node_config_path)
+
+    @contextlib.contextmanager
+    def node_config(self, **sections: Mapping[str, object]):
+        """The node config with ``sections`` for the duration (containers created meanwhile get it)."""
+        self.write_node_config(**sections)
+        try:
+            yield self.node_config_path
+        finally:
+            self.write_node_config()
 
     def which(self, name: str) -> str | None:
         """What containerd (and its shims) find under `name` on their PATH."""
@@ -342,6 +383,7 @@ class Containerd:
         for d in (self.workdir, self.root, self.run_dir, self.state, self.opt_dir, self.cni_dir / "net.d"):
             d.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_toml())
+        self.write_node_config()
         self._log_file = open(self.log_path, "ab")
         self._log_file.write(f"==== harness: starting containerd {self.version} ====\n".encode())
         self._log_file.flush()
@@ -396,12 +438,14 @@ class Containerd:
             for sock in shim_sockets:   # a shim that was killed leaves its socket file
                 with contextlib.suppress(FileNotFoundError):
                     sock.unlink()
-            for p in (self.run_dir, self.root, self.opt_dir, self.cni_dir, self.workdir / "images"):
+            for p in (self.run_dir, self.root, self.opt_dir, self.cni_dir, self.workdir / "images",
+                      self.checkpoint_store):
                 shutil.rmtree(p, ignore_errors=True)
             if not self.shim_pids():
                 break
-        with contextlib.suppress(FileNotFoundError):
-            self.config_path.unlink()
+        for path in (self.config_path, self.node_config_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         if not self.keep_log:
             with contextlib.suppress(FileNotFoundError):
                 self.log_path.unlink()
@@ -520,7 +564,8 @@ class Containerd:
             found.append(f"containerd pid {self.pid}")
         found += [f"shim pid {p}: {' '.join(_cmdline(p))}" for p in self.shim_pids()]
         found += [f"mount {m}" for m in mounts_under(self.workdir, self.run_dir)]
-        for p in (self.run_dir, self.root, self.opt_dir, self.cni_dir, self.runc_root, self.cri_runc_root):
+        for p in (self.run_dir, self.root, self.opt_dir, self.cni_dir, self.runc_root, self.cri_runc_root,
+                  self.checkpoint_store, self.node_config_path):
             if p.exists():
                 found.append(f"path {p}")
         for mnt in _cgroup_mounts():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -309,19 +310,28 @@ def test_kybernate_checkpoint_and_ps_by_containerd_id(containerd, container_id, 
     before = count(cd, container_id)
     assert wait_until(lambda: count(cd, container_id) > before, 10), "leave-running: it must go on counting"
 
-    image2 = tmp_path / "ckpt-exit"
-    r = kyb(cd, "checkpoint", container_id, "--image-path", str(image2), "--exit")
+    r = kyb(cd, "checkpoint", container_id, "--image-path", str(image))
+    assert r.returncode == 1 and "is not an empty directory" in r.stderr, "an existing image is never overwritten"
+
+    # by default into the node's checkpoint store, in the container's scope; restore finds the newest there
+    r = kyb(cd, "checkpoint", container_id, "--exit")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "the task has exited" in r.stdout and (image2 / "inventory.img").exists()
+    scope = cd.checkpoint_store / cd.namespace / "_" / container_id
+    images = [d for d in scope.iterdir() if (d / "inventory.img").exists()]
+    assert len(images) == 1 and f": {images[0]} (" in r.stdout, (r.stdout, images)
+    assert "the task has exited" in r.stdout and f"restore with: kybernate -n {cd.namespace} restore " in r.stdout
+    assert all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in (cd.checkpoint_store, scope, images[0]))
     assert wait_until(lambda: "STOPPED" in cd.ctr("tasks", "ls").stdout or
                       container_id not in cd.ctr("tasks", "ls").stdout, 15)
 
     r = kyb(cd, "checkpoint", container_id, "--image-path", str(tmp_path / "again"))
     assert r.returncode == 1 and "is not running" in r.stderr
 
-    r = kyb(cd, "restore", container_id, "--from", str(image2), "--ctr", str(cd.install.ctr))
+    r = kyb(cd, "restore", container_id, "--ctr", str(cd.install.ctr))
     assert r.returncode == 0, r.stdout + r.stderr
     assert count(cd, container_id) >= before
+    annotation = json.loads(cd.ctr("containers", "info", container_id).stdout)["Spec"]["annotations"]
+    assert annotation["kybernate.io/restore-from"] == f"{container_id}/{images[0].name}"   # a name in the scope
 
 
 def test_kybernate_checkpoint_refuses_unknown_and_foreign_containers(containerd, container_id, tmp_path):
