@@ -348,11 +348,18 @@ def _checkpoint_cri(client: Containerd, target: Target, archive: Path, args) -> 
 
 # ---- restore ------------------------------------------------------------------------------------
 def latest_checkpoint(store: str, scope) -> Path:
+    """The newest complete checkpoint of the scope; newer ones that are not (a half image left by a
+    shim killed mid-checkpoint, one still being written) are skipped, and said so."""
+    from kybernate.checkpoints import newest_complete
+
     base = Path(scope.checkpoint_parent(store))
-    dirs = sorted((d for d in base.glob("*") if (d / "inventory.img").exists()), key=lambda d: d.name)
-    if not dirs:
-        raise OperatorError(f"no checkpoint of {'/'.join(scope.name)} under {base}: pass --from DIR")
-    return dirs[-1]
+    try:
+        found, skipped = newest_complete(base)
+    except OperatorError as exc:
+        raise OperatorError(f"no checkpoint of {'/'.join(scope.name)} to restore: {exc}: pass --from DIR") from None
+    for d, status, why in skipped:
+        print(f"skipping {d}: {status} ({why})", file=sys.stderr)
+    return found
 
 
 def _ctr(args, *argv: str, check: bool = True) -> subprocess.CompletedProcess:

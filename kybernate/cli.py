@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=_positive, default=None, help="give up after this many seconds")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
+    ls = sub.add_parser("checkpoints", help="list the node's checkpoint store; prune abandoned half images",
+                        description="List every checkpoint in the node's store with its status: complete, "
+                                    "in-progress, abandoned (its shim was killed: a half image) or "
+                                    "incomplete. `prune` removes the abandoned ones.")
+    ls.add_argument("action", nargs="?", choices=("ls", "prune"), default="ls")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+
     r = sub.add_parser("restore", help="restore a container from a checkpoint",
                        description="Restore a checkpoint through the shim's kybernate.io/restore-from "
                                    "annotation: a containerd id with ctr run (replacing the stopped "
@@ -103,6 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "ps":
             from kybernate import ps
             return ps.main(args)
+        if args.command == "checkpoints":
+            from kybernate import checkpoints
+            return checkpoints.main(args)
         args.namespace = args.namespace or "default"
         from kybernate import checkpoint
         if args.command == "checkpoint":

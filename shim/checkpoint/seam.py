@@ -171,7 +171,7 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     """``runc checkpoint`` with containerd's options, OR-ed with the container's annotations; returns
     the image dir. On failure the task is left running and thawed (as it was: a task containerd
     paused stays paused), the error quotes CRIU's first error, and no image is claimed as good."""
-    from criu.images import clear_complete, mark_complete, remove_incomplete
+    from criu.images import clear_complete, clear_in_progress, mark_complete, mark_in_progress, remove_incomplete
     from criu.plans import CheckpointPlan
 
     cid = task.id
@@ -206,6 +206,8 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
         os.makedirs(plan.image_path, mode=0o700, exist_ok=True)
         os.makedirs(plan.work_path, exist_ok=True)
         clear_complete(plan.image_path)
+        # who writes it: a shim killed mid-checkpoint leaves a half image that says so ("abandoned")
+        mark_in_progress(plan.image_path, {"container_id": cid, "namespace": task.namespace})
     except OSError as exc:
         raise TTRPCError(Code.INVALID_ARGUMENT,
                          f"checkpoint container {cid}: cannot create {exc.filename}: {exc.strerror}") from exc
@@ -226,6 +228,8 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
         await _leave_running(task, was_paused)
         if created_image:
             await asyncio.to_thread(remove_incomplete, plan.image_path)
+        else:
+            clear_in_progress(plan.image_path)
         if isinstance(exc, RuntimeCommandError):
             raise _runtime_failure(f"checkpoint container {cid}", exc, detail) from exc
         raise
@@ -239,6 +243,7 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
               "options": {f: getattr(plan, f) for f in ("open_tcp", "external_unix_sockets", "terminal",
                                                          "file_locks", "cgroups_mode")}}
     record["options"]["empty_namespaces"] = list(plan.empty_namespaces)
+    clear_in_progress(plan.image_path)
     await asyncio.to_thread(mark_complete, plan.image_path, record)  # an fsync walk: off the event loop
     if request.path:
         # containerd stores request.path as a blob (1.6/1.7 refuse the same blob twice); our note makes
