@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import grpc
 
@@ -195,14 +195,7 @@ class Progress:
 
 
 # ---- the store ----------------------------------------------------------------------------------
-def checkpoint_store() -> str:
-    """The node's checkpoint store, from the node config the shim reads too (KYBERNATE_CONFIG)."""
-    from shim.policy.node import NodeConfig, NodeConfigError
-
-    try:
-        return NodeConfig.load().checkpoint_store
-    except NodeConfigError as exc:
-        raise OperatorError(str(exc)) from None
+from kybernate.checkpoints import checkpoint_store, newest_complete  # noqa: E402 - shared with `checkpoints`
 
 
 def scope_of(namespace: str, container_id: str, container=None):
@@ -350,8 +343,6 @@ def _checkpoint_cri(client: Containerd, target: Target, archive: Path, args) -> 
 def latest_checkpoint(store: str, scope) -> Path:
     """The newest complete checkpoint of the scope; newer ones that are not (a half image left by a
     shim killed mid-checkpoint, one still being written) are skipped, and said so."""
-    from kybernate.checkpoints import newest_complete
-
     base = Path(scope.checkpoint_parent(store))
     try:
         found, skipped = newest_complete(base)

@@ -77,14 +77,27 @@ def newest_complete(parent: Path) -> tuple[Path, list[tuple[Path, str, str]]]:
         ": " + "; ".join(f"{d.name} is {status} ({why})" for d, status, why in skipped) if skipped else ""))
 
 
+def _remove_on_one_device(path: str) -> None:
+    """Delete a checkpoint directory without descending into anything on another device (a mount)."""
+    root_dev = os.lstat(path).st_dev
+    for top, dirs, files in os.walk(path, topdown=False, followlinks=False):
+        for name in files:
+            os.unlink(os.path.join(top, name))
+        for name in dirs:
+            p = os.path.join(top, name)
+            if os.path.islink(p):
+                os.unlink(p)
+            elif os.lstat(p).st_dev == root_dev:
+                os.rmdir(p)
+    os.rmdir(path)
+
+
 def prune(store: str) -> list[StoredCheckpoint]:
     """Remove the abandoned half images of the store; returns what was removed."""
-    from shim.runtime.mount import remove_tree
-
     removed = []
     for cp in list_store(store):
         if cp.status == "abandoned":
-            remove_tree(cp.path)
+            _remove_on_one_device(cp.path)
             removed.append(cp)
     return removed
 
@@ -97,9 +110,17 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def main(args) -> int:
-    from kybernate.checkpoint import checkpoint_store
+def checkpoint_store() -> str:
+    """The node's checkpoint store, from the node config the shim reads too (KYBERNATE_CONFIG)."""
+    from shim.policy.node import NodeConfig, NodeConfigError
 
+    try:
+        return NodeConfig.load().checkpoint_store
+    except NodeConfigError as exc:
+        raise OperatorError(str(exc)) from None
+
+
+def main(args) -> int:
     store = checkpoint_store()
     if args.action == "prune":
         removed = prune(store)

@@ -26,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import DEFAULT_ADDRESS, DEFAULT_CONFIG, RUNTIME_HANDLER, RUNTIME_TYPE, SHIM_BINARY
