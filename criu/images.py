@@ -229,6 +229,65 @@ def is_complete(directory: str | os.PathLike) -> bool:
     return read_completion(directory) is not None and (Path(directory) / INVENTORY).is_file()
 
 
+IN_PROGRESS_MARKER = "kybernate-in-progress.json"
+
+
+def mark_in_progress(directory: str | os.PathLike, meta: Optional[Mapping[str, Any]] = None) -> Path:
+    """At the start of a dump into a directory the shim made: who is writing it (the shim's pid), so
+    that a directory left by a shim killed mid-checkpoint is told apart from one still being written."""
+    target = Path(directory) / IN_PROGRESS_MARKER
+    doc = {"pid": os.getpid(), "pid_start": _start_ticks(os.getpid()), "started_at": time.time(),
+           "meta": dict(meta or {})}
+    atomic_write(target, json.dumps(doc, sort_keys=True))
+    return target
+
+
+def _start_ticks(pid: int) -> Optional[int]:
+    """The process's start time (clock ticks after boot, /proc/PID/stat field 22); None when it is gone
+    or a zombie. Told with the pid, it names one process: a pid reused later does not match."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            rest = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if not rest or rest[0] == b"Z":
+        return None
+    try:
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def clear_in_progress(directory: str | os.PathLike) -> None:
+    try:
+        (Path(directory) / IN_PROGRESS_MARKER).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def checkpoint_status(directory: str | os.PathLike) -> tuple[str, str]:
+    """(status, why) of a checkpoint directory: "complete"; "in-progress" (its writer, a shim, still
+    lives); "abandoned" (its writer is gone: a shim killed mid-checkpoint, a half image); "incomplete"
+    (no marker of ours: a failed dump, or not a kybernate checkpoint)."""
+    d = Path(directory)
+    if is_complete(d):
+        return "complete", ""
+    try:
+        raw = (d / IN_PROGRESS_MARKER).read_bytes()[:65536]
+        doc = json.loads(raw)
+        pid = int(doc.get("pid", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        what = "no inventory.img" if not (d / INVENTORY).exists() else "not marked complete"
+        return "incomplete", what
+    started = doc.get("started_at")
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)) if isinstance(started, (int, float)) else "?"
+    now = _start_ticks(pid) if pid > 0 else None
+    alive = now is not None and (doc.get("pid_start") is None or now == doc.get("pid_start"))
+    if alive:
+        return "in-progress", f"being written by pid {pid} since {when}"
+    return "abandoned", f"its writer (pid {pid}, started {when}) is gone: a half image"
+
+
 def clear_complete(directory: str | os.PathLike) -> None:
     """Unmark before reusing a directory for a new dump, so a failure cannot leave the old mark."""
     try:

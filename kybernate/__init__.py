@@ -9,7 +9,6 @@ SHIM_BINARY = "containerd-shim-kybernate-v1"
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_CONFIG = "/etc/containerd/config.toml"
 CRI_NAMESPACE = "k8s.io"
-CHECKPOINT_ROOT = "/var/lib/kybernate/checkpoints"
 RESTORE_ANNOTATION = "kybernate.io/restore-from"
 SEAL_MANIFEST = "kybernate-seal.json"  # shim.checkpoint.seal.MANIFEST_NAME: a sealed image holds it
 

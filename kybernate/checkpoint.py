@@ -7,11 +7,16 @@ containerd id in namespace k8s.io.
 
 checkpoint: containerd's Tasks.Checkpoint with containerd.runc.v1.CheckpointOptions filled in
   (image_path, work_path, exit, ...), which `ctr task checkpoint` only does for runc: the CRIU image
-  lands in a plain directory (default /var/lib/kybernate/checkpoints/<ns>/<id>/<UTC time>). With
+  lands in a plain directory, by default in the node's checkpoint store (`shim.policy.store`: the
+  node config's checkpoint.store, /var/lib/kybernate/checkpoints), in the container's scope:
+  <store>/<ns>/_/<id>/<UTC time>, or <store>/k8s.io/<pod namespace>/<pod>/<container>/<UTC time>. With
   --cri-archive FILE (Kubernetes targets, containerd 2.x) the CRI plugin's CheckpointContainer writes
   kubelet's checkpoint archive instead. A progress line shows the elapsed time and the growing image.
 restore: a checkpoint directory becomes a running container again through the shim's restore
-  annotation kybernate.io/restore-from: for containerd ids by `ctr run` with that annotation (in place
+  annotation kybernate.io/restore-from, which names a checkpoint in the new container's scope of the
+  store (relative to it: <id>/<UTC time>, <pod>/<container>/<UTC time>); a directory outside the
+  store is passed as it is, and the shim takes it only beneath the node's restore_roots. For
+  containerd ids by `ctr run` with that annotation (in place
   of the stopped container of the same id, or under --new-id), for Kubernetes targets by CRI
   CreateContainer/StartContainer in the pod's running sandbox (a checkpoint archive is given to
   containerd 2.x as the image, as kubelet does).
@@ -26,12 +31,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import grpc
 
-from . import (CHECKPOINT_ROOT, CRI_NAMESPACE, LABEL_CONTAINER_NAME, LABEL_POD_NAME, LABEL_POD_NAMESPACE,
-               RESTORE_ANNOTATION, RUNTIME_HANDLER, RUNTIME_TYPE, SEAL_MANIFEST, OperatorError)
+from . import (CRI_NAMESPACE, LABEL_CONTAINER_NAME, LABEL_POD_NAME, LABEL_POD_NAMESPACE, RESTORE_ANNOTATION,
+               RUNTIME_HANDLER, RUNTIME_TYPE, SEAL_MANIFEST, OperatorError)
 from .containerd_api import Containerd, describe_rpc_error, spec_of, status_name
 
 
@@ -189,10 +194,47 @@ class Progress:
         return box.get("result")
 
 
+# ---- the store ----------------------------------------------------------------------------------
+from kybernate.checkpoints import checkpoint_store, newest_complete  # noqa: E402 - shared with `checkpoints`
+
+
+def scope_of(namespace: str, container_id: str, container=None):
+    """The container's scope in the store, as the shim sees it (its spec's CRI annotations)."""
+    from shim.policy.store import scope_of as _scope_of
+
+    spec = spec_of(container) if container is not None else {}
+    annotations = spec.get("annotations") if isinstance(spec.get("annotations"), dict) else {}
+    try:
+        return _scope_of(namespace, container_id, annotations)
+    except ValueError as exc:
+        raise OperatorError(str(exc)) from None
+
+
+def default_image_dir(store: str, scope) -> Path:
+    """A new directory for one checkpoint in the container's scope: its parents are made (root's
+    alone, 0700), the directory itself is left to the shim (which then removes it on failure)."""
+    from shim.policy.store import make_dirs, new_checkpoint_id
+
+    try:
+        parent = make_dirs(store, [scope.containerd_namespace, scope.pod_namespace or "_", *scope.name])
+    except OSError as exc:
+        raise OperatorError(f"cannot make the checkpoint store directory {scope.checkpoint_parent(store)}: "
+                            f"{exc.strerror or exc}") from None
+    return Path(parent) / new_checkpoint_id(parent)
+
+
+def restore_name(source: Path, store: str, scope) -> str:
+    """What kybernate.io/restore-from says for ``source``: its name in the scope when it is there,
+    else the path (the shim takes it only beneath the node's restore_roots)."""
+    from shim.policy.store import within
+
+    scope_dir = scope.directory(store)
+    if within(str(source), scope_dir) and os.path.normpath(str(source)) != os.path.normpath(scope_dir):
+        return os.path.relpath(str(source), scope_dir)
+    return str(source)
+
+
 # ---- checkpoint ---------------------------------------------------------------------------------
-def default_image_dir(target: Target, root: str = CHECKPOINT_ROOT) -> Path:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return Path(root) / target.namespace / target.id / stamp
 
 
 def checkpoint_options(args, image_dir: Path):
@@ -209,17 +251,20 @@ def checkpoint_options(args, image_dir: Path):
 def checkpoint(args) -> int:
     target = parse_target(args.target, args.namespace)
     with Containerd(args.address) as client:
-        target, _container = resolve(client, target)
+        target, container = resolve(client, target)
         task = client.task(target.namespace, target.id)
         state = status_name(task)
         if state not in ("running", "paused"):
             raise OperatorError(f"container {target} is not running (task: {state}): nothing to checkpoint")
         if args.cri_archive:
             return _checkpoint_cri(client, target, Path(args.cri_archive).absolute(), args)
-        image_dir = Path(args.image_path).absolute() if args.image_path else default_image_dir(target)
-        if image_dir.exists() and any(image_dir.iterdir()):
-            raise OperatorError(f"{image_dir} is not empty: choose another --image-path")
-        image_dir.mkdir(parents=True, exist_ok=True)
+        in_store = not args.image_path
+        if in_store:
+            image_dir = default_image_dir(checkpoint_store(), scope_of(target.namespace, target.id, container))
+        else:
+            image_dir = Path(args.image_path).absolute()
+        if image_dir.exists() and (not image_dir.is_dir() or any(image_dir.iterdir())):
+            raise OperatorError(f"{image_dir} exists and is not an empty directory: choose another --image-path")
         options = checkpoint_options(args, image_dir)
         progress = Progress(f"checkpoint {target}", image_dir, enabled=not args.quiet)
         note = ""
@@ -244,7 +289,7 @@ def checkpoint(args) -> int:
         print(f"warning: {image_dir} is not sealed (the node has no seal key, see docs/security.md): a node "
               "that requires sealed images (the default) refuses to restore it", file=sys.stderr)
     if args.exit:
-        hint = (f"kybernate restore {args.target} --from {image_dir}" if target.kubernetes
+        hint = (f"kybernate restore {args.target} --from {image_dir}" if target.kubernetes or not in_store
                 else f"kybernate -n {target.namespace} restore {target.id}")
         print(f"restore with: {hint}")
     return 0
@@ -304,12 +349,17 @@ def _checkpoint_cri(client: Containerd, target: Target, archive: Path, args) -> 
 
 
 # ---- restore ------------------------------------------------------------------------------------
-def latest_checkpoint(namespace: str, container_id: str, root: str = CHECKPOINT_ROOT) -> Path:
-    base = Path(root) / namespace / container_id
-    dirs = sorted((d for d in base.glob("*") if (d / "inventory.img").exists()), key=lambda d: d.name)
-    if not dirs:
-        raise OperatorError(f"no checkpoint of {namespace}/{container_id} under {base}: pass --from DIR")
-    return dirs[-1]
+def latest_checkpoint(store: str, scope) -> Path:
+    """The newest complete checkpoint of the scope; newer ones that are not (a half image left by a
+    shim killed mid-checkpoint, one still being written) are skipped, and said so."""
+    base = Path(scope.checkpoint_parent(store))
+    try:
+        found, skipped = newest_complete(base)
+    except OperatorError as exc:
+        raise OperatorError(f"no checkpoint of {'/'.join(scope.name)} to restore: {exc}: pass --from DIR") from None
+    for d, status, why in skipped:
+        print(f"skipping {d}: {status} ({why})", file=sys.stderr)
+    return found
 
 
 def _ctr(args, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -328,13 +378,15 @@ def restore(args) -> int:
     target = parse_target(args.target, args.namespace)
     if target.kubernetes:
         return _restore_cri(args, target)
-    source = Path(args.from_).absolute() if args.from_ else latest_checkpoint(target.namespace, target.id)
-    if not (source / "inventory.img").exists():
-        raise OperatorError(f"{source} is not a CRIU checkpoint directory (no inventory.img)")
-    _warn_unsealed(source)
     new_id = args.new_id or target.id
+    store = checkpoint_store()
     with Containerd(args.address) as client:
         template = client.container(target.namespace, target.id)
+        source = (Path(args.from_).absolute() if args.from_
+                  else latest_checkpoint(store, scope_of(target.namespace, target.id, template)))
+        if not (source / "inventory.img").exists():
+            raise OperatorError(f"{source} is not a CRIU checkpoint directory (no inventory.img)")
+        _warn_unsealed(source)
         image = args.image or (template.image if template is not None else "")
         if not image:
             raise OperatorError(f"container {target} is gone: name its image with --image")
@@ -353,7 +405,9 @@ def restore(args) -> int:
     if existing is not None:
         _ctr(args, "task", "delete", new_id, check=False)
         _ctr(args, "containers", "delete", new_id)
-    run = ["run", "-d", "--runtime", RUNTIME_TYPE, "--annotation", f"{RESTORE_ANNOTATION}={source}"]
+    # the restored container is a plain containerd one: its scope is <store>/<ns>/_
+    name = restore_name(source, store, scope_of(target.namespace, new_id))
+    run = ["run", "-d", "--runtime", RUNTIME_TYPE, "--annotation", f"{RESTORE_ANNOTATION}={name}"]
     namespaces = [n.get("type") for n in spec.get("linux", {}).get("namespaces", [])] if spec else ["network"]
     if "network" not in namespaces or args.net_host:
         run.append("--net-host")
@@ -424,7 +478,10 @@ def _restore_cri(args, target: Target) -> int:
                 LABEL_CONTAINER_NAME: target.container},
             annotations=dict(last.annotations) if last is not None else {})
         if not archive:
-            config.annotations[RESTORE_ANNOTATION] = str(source)
+            from shim.policy.store import Scope
+
+            scope = Scope(CRI_NAMESPACE, target.pod_namespace, (target.pod, target.container))
+            config.annotations[RESTORE_ANNOTATION] = restore_name(source, checkpoint_store(), scope)
         sandbox_config = cri.PodSandboxConfig(metadata=status.metadata, labels=dict(status.labels),
                                               annotations=dict(status.annotations))
         if status.HasField("linux") and status.linux.HasField("namespaces"):

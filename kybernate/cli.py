@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Checkpoint a container run by kybernate into a CRIU image directory "
                                    "(or, with --cri-archive, a CRI checkpoint archive).")
     c.add_argument("target", metavar="TARGET", help="container id, or NAMESPACE/POD[/CONTAINER]")
-    c.add_argument("--image-path", help="directory for the CRIU image (default "
-                                        "/var/lib/kybernate/checkpoints/<ns>/<id>/<UTC time>)")
+    c.add_argument("--image-path", help="directory for the CRIU image, new or empty (default: the node's "
+                                        "checkpoint store, /var/lib/kybernate/checkpoints/<ns>/_/<id>/<UTC time>, "
+                                        "<store>/k8s.io/<pod ns>/<pod>/<container>/<UTC time> for pods)")
     c.add_argument("--work-path", help="CRIU work directory (logs); default: the shim's")
     c.add_argument("--exit", action="store_true", help="stop the container after the checkpoint "
                                                        "(default: leave it running)")
@@ -68,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=_positive, default=None, help="give up after this many seconds")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
+    ls = sub.add_parser("checkpoints", help="list the node's checkpoint store; prune abandoned half images",
+                        description="List every checkpoint in the node's store with its status: complete, "
+                                    "in-progress, abandoned (its shim was killed: a half image) or "
+                                    "incomplete. `prune` removes the abandoned ones.")
+    ls.add_argument("action", nargs="?", choices=("ls", "prune"), default="ls")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+
     r = sub.add_parser("restore", help="restore a container from a checkpoint",
                        description="Restore a checkpoint through the shim's kybernate.io/restore-from "
                                    "annotation: a containerd id with ctr run (replacing the stopped "
@@ -76,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("target", metavar="TARGET", help="container id, or NAMESPACE/POD/CONTAINER")
     r.add_argument("--from", dest="from_", metavar="PATH",
                    help="checkpoint directory (or CRI archive); default for containerd ids: the newest "
-                        "under /var/lib/kybernate/checkpoints/<ns>/<id>")
+                        "in the node's checkpoint store (<store>/<ns>/_/<id>). One outside the store "
+                        "restores only from beneath the node config's checkpoint.restore_roots")
     r.add_argument("--new-id", help="containerd ids: restore as this new container id")
     r.add_argument("--image", help="image for the restored container (default: the original's)")
     r.add_argument("--net-host", action="store_true", help="containerd ids: host network")
@@ -101,6 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "ps":
             from kybernate import ps
             return ps.main(args)
+        if args.command == "checkpoints":
+            from kybernate import checkpoints
+            return checkpoints.main(args)
         args.namespace = args.namespace or "default"
         from kybernate import checkpoint
         if args.command == "checkpoint":

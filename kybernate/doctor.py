@@ -26,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import DEFAULT_ADDRESS, DEFAULT_CONFIG, RUNTIME_HANDLER, RUNTIME_TYPE, SHIM_BINARY
@@ -291,7 +290,8 @@ def check_criu_plugins(env: DoctorEnv, criu_path: Optional[str]) -> Check:
                      "needed: the shim checkpoints CUDA state before CRIU runs",
                      "optional: scripts/build-criu.sh installs /usr/local/lib/criu/cuda_plugin.so")
     note = "" if default and found[0] == default else \
-        f"; not in {where}, so the shim must hand CRIU libdir {found[0]}"
+        f"; not in {where}: CRIU loads it only if the node config names that dir ([criu] plugin_dir = " \
+        f"\"{found[0]}\" in /etc/kybernate/config.toml); not needed, the shim checkpoints CUDA state itself"
     return Check("CRIU CUDA plugin", PASS, f"{found[0]}/cuda_plugin.so{note}")
 
 
@@ -420,6 +420,30 @@ def _reason(checks: list[Check], group: str) -> str:
     return "; ".join(c.short or f"{c.name}: {c.detail}" for c in failed)
 
 
+def check_store() -> Check:
+    """The node's checkpoint store: what it holds, and the checkpoints that cannot be restored (a half
+    image left by a shim killed mid-checkpoint is "abandoned")."""
+    from kybernate.checkpoints import human, list_store
+    from shim.policy.node import NodeConfig, NodeConfigError
+
+    try:
+        store = NodeConfig.load().checkpoint_store
+    except NodeConfigError as exc:
+        return Check("checkpoint store", FAIL, str(exc), "fix the node config file", (CPU,), "node config refused")
+    try:
+        rows = list_store(store)
+    except OSError as exc:
+        return Check("checkpoint store", WARN, f"{store}: {exc.strerror or exc}", "", ())
+    bad = [r for r in rows if r.status in ("abandoned", "incomplete")]
+    total = sum(r.size_bytes for r in rows)
+    detail = f"{store}: {len(rows)} checkpoint(s), {human(total)}"
+    if bad:
+        listed = "; ".join(f"{r.path} {r.status} ({r.why})" for r in bad[:5])
+        return Check("checkpoint store", WARN, f"{detail}; {len(bad)} cannot be restored: {listed}",
+                     "`kybernate checkpoints prune` removes the abandoned ones", (), f"{len(bad)} half image(s)")
+    return Check("checkpoint store", PASS, detail)
+
+
 def run_checks(env: DoctorEnv) -> Result:
     checks: list[Check] = []
     c, version, containerd_path = check_containerd(env)
@@ -429,6 +453,7 @@ def run_checks(env: DoctorEnv) -> Result:
     checks += check_config(env, version)
     checks.append(check_shim(env, containerd_path))
     checks.append(check_runc(env))
+    checks.append(check_store())
     criu_checks, criu_path = check_criu(env)
     checks += criu_checks
     checks.append(check_cgroup(env))

@@ -23,7 +23,7 @@ limit that to one node (and to restores on it). Signatures (Ed25519) would let r
 a public key only; they need a crypto library in the shim, and can come later under a new ``format``.
 
 Why SHA-256 in pieces: with SHA-NI (AMD EPYC, Intel Xeon), OpenSSL's SHA-256 runs at about 1.4 GB/s
-per core, twice hashlib's BLAKE2b (CPython's BLAKE2 has no SIMD); verification costs about 0.85
+per core, twice hashlib's BLAKE2b (CPython's BLAKE2 has no SIMD); verification costs about 0.87
 CPU-seconds per GiB with the reads (bench/results/seal_bench.md). hashlib releases the GIL on large
 updates, so threads hash in parallel; a CRIU image is mostly one large ``pages-*.img`` per process, so
 digests of 64 MiB pieces let that one file be hashed by every core, and name the bad byte range.
@@ -69,10 +69,6 @@ GPU_RECORD = "kybernate-gpu.json"  # shim.gpu.records.RECORD_NAME: its driver_ve
 #: The container's identity fields that must match at restore: the tenant's scope. The others
 #: (pod, container name, id) are recorded for people: restoring into a new container is the point.
 SCOPE_FIELDS = ("namespace", "pod_namespace")
-CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
-CRI_SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
-CRI_SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
-CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 _KEY_ID_LABEL = b"kybernate seal key id"
 
 
@@ -152,16 +148,17 @@ def key_id(key: bytes) -> str:
 
 # ---- identity --------------------------------------------------------------------------------------
 def identity_of(namespace: str, spec: Mapping, container_id: str) -> dict[str, str]:
-    """The container's identity as the seal records it: its containerd namespace and, for a CRI
-    container, the pod's namespace, name and container name, from the annotations containerd's CRI
-    plugin sets (after a pod's own pass-through annotations, so a pod cannot set them): all three
-    present, and not the sandbox (the rule the checkpoint store's scopes follow too)."""
+    """The container's identity as the seal records it: its scope in the checkpoint store
+    (`shim.policy.store.scope_of`: the containerd namespace and, for a CRI container, the pod's
+    namespace, name and container name from the CRI plugin's own annotations), so that a seal's scope
+    and the store's are one rule. ValueError for names that cannot be a scope (containerd's never)."""
+    from shim.policy.store import scope_of
+
     ann = spec.get("annotations") if isinstance(spec, Mapping) else None
-    ann = ann if isinstance(ann, Mapping) else {}
-    pod_ns, pod, name = (str(ann.get(k) or "") for k in (CRI_SANDBOX_NAMESPACE, CRI_SANDBOX_NAME, CRI_CONTAINER_NAME))
-    cri = bool(pod_ns and pod and name) and ann.get(CRI_CONTAINER_TYPE, "container") == "container"
-    return {"namespace": namespace or "", "container_id": container_id or "",
-            "pod_namespace": pod_ns if cri else "", "pod": pod if cri else "", "container": name if cri else ""}
+    scope = scope_of(namespace, container_id, ann if isinstance(ann, Mapping) else {})
+    pod, name = scope.name if scope.pod_namespace else ("", "")
+    return {"namespace": scope.containerd_namespace, "container_id": container_id or "",
+            "pod_namespace": scope.pod_namespace, "pod": pod, "container": name}
 
 
 def describe_scope(identity: Mapping[str, str]) -> str:
@@ -547,7 +544,8 @@ def checkpoint_key(container_id: str) -> Optional[bytes]:
 
 
 def seal_checkpoint(task: Any, image_dir: str, key: Optional[bytes]) -> str:
-    """After the dump, the completion marker and containerd's note: the manifest, or "" unsealed."""
+    """After the dump, the completion marker and containerd's note (the in-progress marker is gone by
+    then, so it is never sealed): the manifest, or "" unsealed."""
     if key is None:
         return ""
     from ttrpc.codes import Code
@@ -556,52 +554,56 @@ def seal_checkpoint(task: Any, image_dir: str, key: Optional[bytes]) -> str:
     started = time.monotonic()
     try:
         path = seal(image_dir, key, identity_of(task.namespace, task.spec, task.id))
-    except (SealError, OSError) as exc:
+    except (SealError, OSError, ValueError) as exc:
         raise TTRPCError(Code.INTERNAL, f"checkpoint container {task.id}: the image in {image_dir} is complete "
                                         f"but cannot be sealed: {exc}") from exc
     log.info("container %s: sealed %s in %.3fs", task.id, image_dir, time.monotonic() - started)
     return path
 
 
-def _origin_key(origin: str) -> str:
-    """The input that named the image, as the refusal names it: the annotation, the env, or
-    containerd's checkpoint."""
-    kind, _, name = origin.partition(" ")
-    return name if kind in ("annotation", "env") and name else "checkpoint"
-
-
-def check_restore(image_dir: str, container_id: str, namespace: str, spec: Mapping, origin: str) -> None:
-    """At Create, right after the image dir is resolved and before anything is created or read by CRIU
-    or the driver: the image must carry a seal this node's key verifies, for this container's scope.
+def check_restore(image_dir: str, shown: str, key: str, value: str, *, node: Any, container_id: str,
+                  namespace: str, spec: Mapping) -> None:
+    """At Create, once the store's resolution (`shim.policy.untrusted`, `shim.checkpoint.settings.
+    containerd_checkpoint_source`) has found the image and before anything in it is read (our own
+    checks, its records, the layer stack, CRIU, the driver): the image must carry a seal this node's
+    key verifies, for this container's scope. ``image_dir`` is what is read (the fd that found it,
+    as /proc/self/fd/N), ``shown`` its real path for the log; ``key``/``value`` is what named it.
     Every source is checked alike, containerd's own checkpoint too: on containerd 2.x the CRI plugin
     hands a checkpoint image pulled from a registry to Create the same way. With require_seal = false
     an unsealed image (or a sealed one on a node without a key) is restored, with a warning; a seal
     that is there and does not verify is refused either way. Raises TTRPCError: PermissionDenied with
-    an audit line for the image, FailedPrecondition for the node's own config."""
+    an audit line naming the first bad file, FailedPrecondition for the node's own key.
+
+    A directory without a CRIU inventory (by name: nothing is read) is no image at all: it is left to
+    the image check that follows (`criu.images.validate_image_dir` refuses it reading nothing of it),
+    so that a pod gets the store's one sentence for it, as for a name that is missing or not allowed."""
     from ttrpc.codes import Code
 
+    from criu.images import INVENTORY
     from shim.policy.audit import refuse
 
-    node = _node("restore", container_id)
-    key = _key(node.seal_key_file, "restore", container_id)
+    if not os.path.lexists(os.path.join(image_dir, INVENTORY)):
+        return
+
+    secret = _key(node.seal_key_file, "restore", container_id)
     expected = identity_of(namespace, spec, container_id)
-    what = _origin_key(origin)
     sealed = is_sealed(image_dir)
-    if not sealed or key is None:
+    if not sealed or secret is None:
         why = (f"the image is not sealed (no {MANIFEST_NAME})" if not sealed else
                f"this node has no seal key ({node.seal_key_file}) to verify its seal with")
         if node.require_seal:
-            raise refuse(Code.PERMISSION_DENIED if not sealed else Code.FAILED_PRECONDITION, container_id, what,
-                         image_dir, f"{why}, and this node requires sealed checkpoint images "
-                                    "(node config checkpoint.require_seal)", action="restore", namespace=namespace)
+            raise refuse(Code.PERMISSION_DENIED if not sealed else Code.FAILED_PRECONDITION, container_id, key,
+                         value, f"{why}, and this node requires sealed checkpoint images (node config "
+                                "checkpoint.require_seal)", action="restore", namespace=namespace,
+                         detail=f"image {shown}")
         log.warning("container %s: restore from %s unverified: %s (require_seal = false)", container_id,
-                    image_dir, why)
+                    shown, why)
         return
     try:
-        verified = verify(image_dir, key, expected)
+        verified = verify(image_dir, secret, expected)
     except SealError as exc:
-        raise refuse(Code.PERMISSION_DENIED, container_id, what, image_dir,
-                     f"{exc.file}: {exc.why}; refused before CRIU reads the image", action="restore",
-                     namespace=namespace) from exc
+        raise refuse(Code.PERMISSION_DENIED, container_id, key, value,
+                     f"{exc.file}: {exc.why.replace(image_dir, shown)}; refused before CRIU reads the image",
+                     action="restore", namespace=namespace, detail=f"image {shown}") from exc
     log.info("container %s: seal of %s verified (%d files, %d bytes, sealed for %s) in %.3fs", container_id,
-             image_dir, verified.files, verified.bytes, describe_scope(verified.identity), verified.seconds)
+             shown, verified.files, verified.bytes, describe_scope(verified.identity), verified.seconds)

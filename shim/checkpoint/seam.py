@@ -1,29 +1,33 @@
 """The checkpoint/restore seam: the one place a container calls for Checkpoint and for Create/Start
-with a checkpoint (or a restore source in the spec: `shim.checkpoint.settings`). It works on a
+with a checkpoint (or a restore source in the spec: `shim.policy.untrusted`). It works on a
 `TaskHandle` and the container's layer stack (`shim.checkpoint.layer`), never on the container.
 
-- `prepare_create`: at Create, before anything is created: the container's checkpoint settings, the
-  image to restore from (checked, and its seal verified: a bad one refuses the Create) and the
-  per-task CRIU config file named in config.json (runc hands it to CRIU: plugin dir).
+- `prepare_create`: at Create, before anything is created: the container's checkpoint settings and
+  the image to restore from, both from `shim.policy.untrusted` (a bad one refuses the Create; the
+  image's seal is verified where the store's resolution finds it, `shim.checkpoint.seal`), and
+  the per-task CRIU config file named in config.json (runc hands it to CRIU: the node's plugin dir).
 - `checkpoint`: containerd's CheckpointOptions OR-ed with the container's annotations ->
   ``runc checkpoint`` (`criu.plans`), the layer's hooks around it (CUDA: `shim.gpu.lifecycle`); on success the image is
   marked complete, a note goes into containerd's directory, and the image is sealed with the node's
   key (`shim.checkpoint.seal`); on failure the task is left running
   and thawed, the error quotes CRIU's first error and the image is not claimed as good.
-- `restore`: at Start, the layer's before_restore, then ``runc restore`` with the new task's IO
-  (pipes, or the console socket) and the CRIU options the checkpoint used; returns the restored
-  init's pid. The container attaches its IO, then calls the layer's after_restore; on any failure the
-  container undoes the restore (nothing of it is left but containerd's record of a stopped task).
+- `restore`: at Start, the image found again beneath its root (`shim.policy.store`: CRIU reads the
+  directory that was checked, through the shim's fd), the layer's before_restore, then
+  ``runc restore`` with the new task's IO (pipes, or the console socket) and the CRIU options the
+  checkpoint used; returns the restored init's pid. The container attaches its IO, then calls the
+  layer's after_restore; on any failure the container undoes the restore (nothing of it is left but
+  containerd's record of a stopped task).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
@@ -31,27 +35,68 @@ from ttrpc.errors import TTRPCError
 from shim.bundle import INIT_PID_FILE
 from shim.checkpoint import seal
 from shim.checkpoint.layer import LifecycleLayer, TaskHandle
-from shim.checkpoint.settings import (RESTORE_FIELDS, CheckpointSettings, prepare_bundle, recorded_options,
-                                      resolve_image, restore_source, write_note)
+from shim.checkpoint.settings import (RESTORE_FIELDS, CheckpointSettings, containerd_checkpoint_source, image_problem,
+                                      prepare_bundle, recorded_options, write_note)
+from shim.policy import store, untrusted
+from shim.policy.audit import refuse
+from shim.policy.node import NodeConfig, NodeConfigError
 from shim.runtime.runc import RuntimeCommandError, read_pid_file
 
 log = logging.getLogger("kybernate.shim")
 
 
-async def prepare_create(req, spec: dict, options: Any, bundle: str, namespace: str) -> tuple[CheckpointSettings, str]:
+async def prepare_create(req, spec: dict, options: Any, bundle: str, node: Optional[NodeConfig] = None,
+                         namespace: str = "") -> tuple[CheckpointSettings, str]:
     """At Create, before anything is mounted or created: (the container's checkpoint settings, the
-    checked image dir to restore from or ""). Raises TTRPCError (InvalidArgument/FailedPrecondition/
-    PermissionDenied) for bad annotations or a bad image, so that a refused restore leaves nothing
-    behind. The image's seal is verified here (`shim.checkpoint.seal`), before anything reads the
-    image's records (our own checks, the layer stack) and long before CRIU or the CUDA driver does;
-    in a thread, since it reads the whole image (a fresh start pays no thread)."""
+    checked image dir to restore from or ""). Raises TTRPCError (InvalidArgument, PermissionDenied,
+    FailedPrecondition) for bad annotations or a bad image, so that a refused restore leaves nothing
+    behind. The image's seal (`shim.checkpoint.seal.check_restore`) is verified inside the store's
+    resolution, once the image is found and before anything reads its records (our own checks, the
+    layer stack) and long before CRIU or the CUDA driver does; the resolution runs in a thread, since
+    the seal reads the whole image (a fresh start pays no thread)."""
     cid = req.id
-    settings = CheckpointSettings.from_spec(spec, options, cid)
-    source, origin = restore_source(req.checkpoint, spec)
-    verify_seal = functools.partial(seal.check_restore, container_id=cid, namespace=namespace, spec=spec, origin=origin)
-    image = await asyncio.to_thread(resolve_image, source, cid, origin, verify_seal) if source else ""
+    if node is None:
+        try:
+            node = NodeConfig.load()
+        except NodeConfigError as exc:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"create container {cid}: {exc}") from exc
+    settings = CheckpointSettings.from_pod(untrusted.checkpoint_settings(spec, node, cid, namespace), options)
+    verify = functools.partial(seal.check_restore, node=node, container_id=cid, namespace=namespace, spec=spec)
+    if req.checkpoint:   # containerd's own (a trusted client's): wins over what the spec asks
+        source = await asyncio.to_thread(containerd_checkpoint_source, req.checkpoint, settings, node, cid,
+                                         namespace, verify)
+    elif _asks_for_restore(spec):
+        source = await asyncio.to_thread(untrusted.pod_restore_source, spec, settings.scope, node, cid, namespace,
+                                         image_problem, verify)
+    else:
+        source = None
+    settings = dataclasses.replace(settings, restore=source)
     prepare_bundle(bundle, spec, settings, cid)
-    return settings, image
+    return settings, source.path if source else ""
+
+
+def _asks_for_restore(spec: Mapping) -> bool:
+    """Whether the spec names a restore source at all (whether `untrusted.pod_restore_source` takes
+    it is its business): only then is the resolution worth a thread."""
+    return bool(untrusted.annotations_of(spec).get(untrusted.RESTORE_FROM_ANNOTATION)
+                or untrusted.env_of(spec, untrusted.RESTORE_FROM_ENV))
+
+
+def _rootfs_of(bundle: str, spec) -> str:
+    root = spec.get("root") if isinstance(spec, dict) else None
+    path = root.get("path") if isinstance(root, dict) else None
+    path = path if isinstance(path, str) and path else "rootfs"
+    return path if os.path.isabs(path) else os.path.join(bundle, path)
+
+
+def _requested_dir(task: TaskHandle, key: str, value: str) -> tuple[str, bool]:
+    """A CheckpointOptions dir from containerd's client: (real path, existed before), or
+    InvalidArgument naming it (relative, inside the bundle or rootfs, not new or empty)."""
+    try:
+        return store.target_dir(value, [task.bundle, _rootfs_of(task.bundle, task.spec)])
+    except ValueError as exc:
+        raise refuse(Code.INVALID_ARGUMENT, task.id, f"CheckpointOptions.{key}", value, str(exc),
+                     action="checkpoint", namespace=task.namespace) from None
 
 
 def _checkpoint_options(request, container_id: str):
@@ -145,16 +190,26 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     """``runc checkpoint`` with containerd's options, OR-ed with the container's annotations; returns
     the image dir. On failure the task is left running and thawed (as it was: a task containerd
     paused stays paused), the error quotes CRIU's first error, and no image is claimed as good."""
-    from criu.images import clear_complete, mark_complete, remove_incomplete
+    from criu.images import clear_complete, clear_in_progress, mark_complete, mark_in_progress, remove_incomplete
     from criu.plans import CheckpointPlan
 
     cid = task.id
     opts = _checkpoint_options(request, cid)
     wanted = settings.merged(opts)
-    image = settings.image_dir(wanted["image_path"], request.path, task.namespace, cid)
+    if wanted["image_path"]:
+        image, _ = _requested_dir(task, "image_path", wanted["image_path"])
+    else:
+        try:
+            image = settings.image_dir("", request.path, task.namespace, cid)
+        except OSError as exc:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"checkpoint container {cid}: cannot make the checkpoint "
+                             f"dir under CriuImagePath {settings.image_root}: {exc.strerror or exc}") from exc
     if not image:
         raise TTRPCError(Code.INVALID_ARGUMENT, f"checkpoint container {cid}: no image path given")
-    work = settings.work_dir(wanted["work_path"], cid)
+    if wanted["work_path"]:
+        work, _ = _requested_dir(task, "work_path", wanted["work_path"])
+    else:
+        work = settings.work_dir("", cid)
     scratch = "" if work else os.path.join(task.bundle, "criu-work")
     try:
         plan = CheckpointPlan(container_id=cid, image_path=image, work_path=work or scratch,
@@ -166,11 +221,13 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     except ValueError as exc:
         raise TTRPCError(Code.INVALID_ARGUMENT, f"checkpoint container {cid}: {exc}") from exc
     seal_key = seal.checkpoint_key(cid)  # a broken key file fails here, before CRIU freezes anything
-    created_image = not os.path.exists(plan.image_path)
+    created_image = not os.path.lexists(plan.image_path)  # only what the shim made is removed on failure
     try:
-        os.makedirs(plan.image_path, exist_ok=True)
+        os.makedirs(plan.image_path, mode=0o700, exist_ok=True)
         os.makedirs(plan.work_path, exist_ok=True)
         clear_complete(plan.image_path)
+        # who writes it: a shim killed mid-checkpoint leaves a half image that says so ("abandoned")
+        mark_in_progress(plan.image_path, {"container_id": cid, "namespace": task.namespace})
     except OSError as exc:
         raise TTRPCError(Code.INVALID_ARGUMENT,
                          f"checkpoint container {cid}: cannot create {exc.filename}: {exc.strerror}") from exc
@@ -191,6 +248,8 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
         await _leave_running(task, was_paused)
         if created_image:
             await asyncio.to_thread(remove_incomplete, plan.image_path)
+        else:
+            clear_in_progress(plan.image_path)
         if isinstance(exc, RuntimeCommandError):
             raise _runtime_failure(f"checkpoint container {cid}", exc, detail) from exc
         raise
@@ -204,6 +263,7 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
               "options": {f: getattr(plan, f) for f in ("open_tcp", "external_unix_sockets", "terminal",
                                                          "file_locks", "cgroups_mode")}}
     record["options"]["empty_namespaces"] = list(plan.empty_namespaces)
+    clear_in_progress(plan.image_path)
     await asyncio.to_thread(mark_complete, plan.image_path, record)  # an fsync walk: off the event loop
     if request.path:
         # containerd stores request.path as a blob (1.6/1.7 refuse the same blob twice); our note makes
@@ -213,7 +273,8 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
             write_note(request.path, record)
         except OSError as exc:
             log.warning("container %s: cannot write the checkpoint note into %s: %s", cid, request.path, exc)
-    # last: covers every file, the marker and a note; in a thread, as it reads the whole image
+    # last: covers every file, the completion marker and a note (the in-progress marker is gone); in a
+    # thread, as it reads the whole image
     await asyncio.to_thread(seal.seal_checkpoint, task, plan.image_path, seal_key)
     log.info("container %s: checkpoint to %s done in %.3fs", cid, plan.image_path, elapsed)
     return plan.image_path
@@ -224,7 +285,26 @@ async def restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings:
     """Start of a container created from a checkpoint: the layer's before_restore (GPU placement:
     decided before anything is created), then ``runc restore --detach`` with the new task's IO (its
     pipes become the restored process's stdio; a terminal task gets the console socket). Returns the
-    restored init's pid. The caller undoes everything on failure."""
+    restored init's pid. The caller undoes everything on failure.
+
+    The image is opened again the way it was found at Create (beneath its root, no links), and
+    runc, CRIU and the layer read it through the shim's fd: what they read is what was checked."""
+    cid = task.id
+    source = settings.restore
+    image_fd = source.open(cid, task.namespace) if source is not None else -1
+    try:
+        if image_fd >= 0:
+            log.info("container %s: restore from %s (%s), read through %s", cid, source.path, source.origin,
+                     store.fd_path(image_fd))
+        return await _restore(task, layer, store.fd_path(image_fd) if image_fd >= 0 else image, settings,
+                              stdio=stdio, console_socket=console_socket, terminal=terminal, no_pivot=no_pivot)
+    finally:
+        if image_fd >= 0:
+            os.close(image_fd)
+
+
+async def _restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings: CheckpointSettings, *,
+                   stdio: Any, console_socket: Optional[str], terminal: bool, no_pivot: bool) -> int:
     from criu.plans import RestorePlan
 
     cid = task.id

@@ -1,91 +1,40 @@
-"""What a container's spec, its runtime options and the shim's environment say about checkpoint and
-restore: the data half of `shim.checkpoint.seam` (which does the work).
+"""A container's checkpoint settings and the files the seam writes beside an image: the data half of
+`shim.checkpoint.seam` (which does the work). What a pod or an image asks for is turned into these
+settings, or refused, in `shim.policy.untrusted` (annotations, env, records read from image dirs);
+where images live and how a restore source is found is `shim.policy.store`.
 
-Why annotations: ``ctr task checkpoint`` fills CheckpointOptions (``--exit``, ``--image-path``) only for
-runc's runtimes and has no flag at all for tcp-established; kubelet never sends options. So a
-container may ask for its checkpoint options in its OCI spec (``ctr run --annotation``, or a pod
-annotation passed through ``container_annotations``), OR-ed with whatever the request carries:
-
-    kybernate.io/checkpoint-exit: "true"              stop the task after its checkpoint
-    kybernate.io/checkpoint-tcp-established: "true"   established TCP connections (also on restore)
-    kybernate.io/checkpoint-ext-unix-sk: "true"       external unix sockets
-    kybernate.io/checkpoint-file-locks: "true"        file locks
-    kybernate.io/checkpoint-shell-job: "true"         a task with a terminal (CRIU --shell-job)
-    kybernate.io/criu-plugin-dir: DIR                 CRIU plugins (else $KYBERNATE_CRIU_PLUGIN_DIR,
-                                                      else /usr/local/lib/criu)
-    kybernate.io/restore-from: DIR                    restore this container from DIR on Create
-                                                      (also the process env RESTORE_FROM=DIR)
-
-Where the image goes: the request's image_path option, else the runtime option CriuImagePath
-(``<CriuImagePath>/<namespace>/<id>/<UTC time>``, the layout `kybernate checkpoint` uses), else the
-request's path (containerd's directory, which containerd stores as the checkpoint in its content
-store). When the image goes elsewhere, a note naming it is written into the request's path, so that
-containerd stores a distinct blob every time and a restore from containerd's copy finds the image.
+Where a checkpoint's image goes: the request's image_path option (checked: absolute, outside the
+bundle and rootfs, new or empty), else the runtime option CriuImagePath
+(``<CriuImagePath>/<namespace>/<Kubernetes namespace or _>/<name>/<UTC time>``, the store's layout),
+else the request's path (containerd's directory,
+which containerd stores as the checkpoint in its content store). `kybernate checkpoint` names a
+directory in the node's store (``<store>/<namespace>/<Kubernetes namespace or _>/...``) as image_path.
+When the image goes elsewhere than the request's path, a note naming it is written into the
+request's path, so that containerd stores a distinct blob every time and a restore from containerd's
+copy finds the image (`shim.policy.untrusted` follows it only into allowed places).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from fsutil.atomic import atomic_write
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
+from shim.policy.node import NodeConfig
+from shim.policy.store import Scope
+from shim.policy.untrusted import (NOTE_NAME, ImageVerifier, PodCheckpointSettings, RestoreSource, note_target, read_note,
+                                   read_record)
+
 log = logging.getLogger("kybernate.shim")
 
-RESTORE_FROM_ANNOTATION = "kybernate.io/restore-from"
-RESTORE_FROM_ENV = "RESTORE_FROM"
-PLUGIN_DIR_ANNOTATION = "kybernate.io/criu-plugin-dir"
-PLUGIN_DIR_ENV = "KYBERNATE_CRIU_PLUGIN_DIR"
-DEFAULT_PLUGIN_DIR = "/usr/local/lib/criu"
-CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
-NOTE_NAME = "kybernate-checkpoint.json"
-
-#: annotation -> CheckpointOptions field it turns on
-OPTION_ANNOTATIONS = {
-    "kybernate.io/checkpoint-exit": "exit",
-    "kybernate.io/checkpoint-tcp-established": "open_tcp",
-    "kybernate.io/checkpoint-ext-unix-sk": "external_unix_sockets",
-    "kybernate.io/checkpoint-file-locks": "file_locks",
-    "kybernate.io/checkpoint-shell-job": "terminal",
-}
 BOOL_FIELDS = ("exit", "open_tcp", "external_unix_sockets", "terminal", "file_locks")
 #: the CheckpointOptions fields that CRIU also needs on restore
 RESTORE_FIELDS = ("open_tcp", "external_unix_sockets", "terminal", "file_locks")
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off", ""}
-
-
-def annotations_of(spec: Mapping) -> Mapping[str, str]:
-    ann = spec.get("annotations") if isinstance(spec, Mapping) else None
-    return ann if isinstance(ann, Mapping) else {}
-
-
-def env_of(spec: Mapping, name: str) -> Optional[str]:
-    process = spec.get("process") if isinstance(spec, Mapping) else None
-    for item in (process or {}).get("env") or []:
-        if isinstance(item, str) and item.startswith(name + "="):
-            return item[len(name) + 1:]
-    return None
-
-
-def is_sandbox(spec: Mapping) -> bool:
-    """The CRI sandbox (pause) container: pod annotations reach it too, it is never restored."""
-    return annotations_of(spec).get(CONTAINER_TYPE_ANNOTATION) == "sandbox"
-
-
-def _flag(container_id: str, key: str, value: str) -> bool:
-    v = str(value).strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise TTRPCError(Code.INVALID_ARGUMENT,
-                     f"create container {container_id}: annotation {key}={value!r} must be true or false")
 
 
 @dataclass(frozen=True)
@@ -93,19 +42,19 @@ class CheckpointSettings:
     """A container's standing checkpoint settings, fixed at Create."""
 
     annotated: Mapping[str, bool]       # CheckpointOptions field -> True, from the annotations
-    plugin_dir: Optional[str]           # CRIU libdir (None: CRIU's own default)
+    plugin_dir: Optional[str]           # CRIU libdir, the node's (None: CRIU's own default)
     image_root: str = ""                # runtime option CriuImagePath
     work_root: str = ""                 # runtime option CriuWorkPath
+    scope: Optional[Scope] = None       # whose checkpoints it may restore from (shim.policy.store)
+    restore: Optional[RestoreSource] = None  # what it is restored from, when created from a checkpoint
 
     @classmethod
-    def from_spec(cls, spec: Mapping, options: Any, container_id: str,
-                  environ: Mapping[str, str] = os.environ) -> "CheckpointSettings":
-        ann = annotations_of(spec)
-        annotated = {field: True for key, field in OPTION_ANNOTATIONS.items()
-                     if key in ann and _flag(container_id, key, ann[key])}
-        return cls(annotated=annotated, plugin_dir=plugin_dir_for(spec, container_id, environ),
+    def from_pod(cls, pod: PodCheckpointSettings, options: Any) -> "CheckpointSettings":
+        """The checked settings from the spec and the node (`shim.policy.untrusted`) with containerd's
+        runtime options (trusted) CriuImagePath and CriuWorkPath."""
+        return cls(annotated=pod.annotated, plugin_dir=pod.plugin_dir,
                    image_root=getattr(options, "criu_image_path", "") or "",
-                   work_root=getattr(options, "criu_work_path", "") or "")
+                   work_root=getattr(options, "criu_work_path", "") or "", scope=pod.scope)
 
     def merged(self, options: Any) -> dict:
         """The request's CheckpointOptions (None = unset) with the annotations OR-ed in."""
@@ -119,17 +68,18 @@ class CheckpointSettings:
 
     def image_dir(self, requested: str, request_path: str, namespace: str, container_id: str,
                   now: Optional[float] = None) -> str:
-        """Where this checkpoint's image goes (see the module docstring)."""
+        """Where this checkpoint's image goes (see the module docstring). Under CriuImagePath the
+        layout is the store's (`shim.policy.store`), so that a CriuImagePath equal to the node's store
+        gives checkpoints that restore-from finds by name; the parents are made (0700) here."""
         if requested:
             return requested
         if self.image_root:
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-            base = os.path.join(self.image_root, namespace, container_id, stamp)
-            path, n = base, 1
-            while os.path.exists(path):  # two checkpoints within one second
-                n += 1
-                path = f"{base}.{n}"
-            return path
+            from shim.policy.store import Scope, make_dirs, new_checkpoint_id
+
+            scope = self.scope or Scope(namespace, "", (container_id,))
+            parent = make_dirs(self.image_root, [scope.containerd_namespace, scope.pod_namespace or "_",
+                                                 *scope.name])
+            return os.path.join(parent, new_checkpoint_id(parent, now))
         return request_path
 
     def work_dir(self, requested: str, container_id: str) -> str:
@@ -141,31 +91,14 @@ class CheckpointSettings:
         return ""
 
 
-def plugin_dir_for(spec: Mapping, container_id: str, environ: Mapping[str, str] = os.environ) -> Optional[str]:
-    """The CRIU plugin dir: annotation, then env, then the default; a dir named by the annotation
-    must exist (the operator asked for it), the env/default one is skipped when absent."""
-    asked = annotations_of(spec).get(PLUGIN_DIR_ANNOTATION)
-    if asked:
-        if not os.path.isabs(asked) or not os.path.isdir(asked):
-            raise TTRPCError(Code.INVALID_ARGUMENT, f"create container {container_id}: "
-                             f"{PLUGIN_DIR_ANNOTATION}={asked!r} is not an absolute path to a directory")
-        return asked
-    for candidate, source in ((environ.get(PLUGIN_DIR_ENV), PLUGIN_DIR_ENV), (DEFAULT_PLUGIN_DIR, "default")):
-        if candidate:
-            if os.path.isdir(candidate):
-                return candidate
-            log.info("container %s: CRIU plugin dir %s (%s) does not exist: CRIU's default used",
-                     container_id, candidate, source)
-    return None
-
-
 def prepare_bundle(bundle: str, spec: dict, settings: CheckpointSettings, container_id: str) -> Optional[str]:
     """Write the per-task CRIU config and name it in config.json (org.criu.config) before runc reads
     the spec: runc takes the annotation from the spec it stored at create for a checkpoint (runc 1.1.5
     and 1.3.6 alike), and from config.json at restore. A spec that names its own file keeps it."""
     from criu.config import CRIU_CONFIG_ANNOTATION, TASK_CONFIG_NAME, annotate_bundle, write_runc_criu_config
 
-    own = annotations_of(spec).get(CRIU_CONFIG_ANNOTATION)
+    annotations = spec.get("annotations") if isinstance(spec.get("annotations"), Mapping) else {}
+    own = annotations.get(CRIU_CONFIG_ANNOTATION)
     if own is not None:
         log.info("container %s: the spec names its own CRIU config %r; plugin dir not set by kybernate",
                  container_id, own)
@@ -181,75 +114,72 @@ def prepare_bundle(bundle: str, spec: dict, settings: CheckpointSettings, contai
     return path
 
 
-def restore_source(checkpoint: str, spec: Mapping) -> tuple[str, str]:
-    """(image dir, where it came from) for Create: containerd's checkpoint, else the annotation, else
-    RESTORE_FROM in the process env; ("", "") for a fresh start (always for the CRI sandbox)."""
-    if checkpoint:
-        return checkpoint, "containerd checkpoint"
-    if is_sandbox(spec):
-        return "", ""
-    ann = annotations_of(spec).get(RESTORE_FROM_ANNOTATION)
-    if ann:
-        return ann, f"annotation {RESTORE_FROM_ANNOTATION}"
-    env = env_of(spec, RESTORE_FROM_ENV)
-    if env:
-        return env, f"env {RESTORE_FROM_ENV}"
-    return "", ""
-
-
-_REASON_CODES = {"missing": Code.INVALID_ARGUMENT, "not-a-directory": Code.INVALID_ARGUMENT}
-
-
-def resolve_image(path: str, container_id: str, source: str,
-                  verify: Optional[Callable[[str], None]] = None) -> str:
-    """The CRIU image dir to restore from, checked before anything is created.
-
-    A directory holding only our note (containerd's copy of a checkpoint whose image went to
-    CriuImagePath or an image_path option) leads to the image the note names. Missing or not a
-    directory: InvalidArgument; empty, not CRIU, corrupt or incomplete: FailedPrecondition.
-    `verify` (the seal, `shim.checkpoint.seal.check_restore`) sees a directory before anything in it
-    is parsed: an image is authenticated before even our own checks read its records.
-    """
-    from criu.errors import CriuImageError
-    from criu.images import INVENTORY, validate_image_dir
-
-    what = f"restore container {container_id} ({source})"
-    if not os.path.isabs(path):
-        raise TTRPCError(Code.INVALID_ARGUMENT, f"{what}: checkpoint image path {path!r} is not absolute")
-    image = path
-    note = read_note(path)
-    if note and not os.path.exists(os.path.join(path, INVENTORY)) and note.get("image_path"):
-        image = str(note["image_path"])
-        log.info("container %s: %s holds a note: the image is in %s", container_id, path, image)
-    if verify is not None and os.path.isdir(image):
-        verify(image)
-    try:
-        stats = validate_image_dir(image)
-    except CriuImageError as exc:
-        raise TTRPCError(_REASON_CODES.get(exc.reason, Code.FAILED_PRECONDITION), f"{what}: {exc}") from exc
-    log.info("container %s: restore from %s (%d bytes, %d bytes of pages)", container_id, image,
-             stats.total_bytes, stats.page_bytes)
-    return image
-
-
 def write_note(directory: str, doc: Mapping) -> None:
     """Our note in containerd's checkpoint dir: unique per checkpoint (id, time, where the image is)."""
     atomic_write(os.path.join(directory, NOTE_NAME), json.dumps(dict(doc), sort_keys=True))
 
 
-def read_note(directory: str) -> Optional[dict]:
+def image_problem(path: str) -> str:
+    """"" when ``path`` looks like a whole CRIU dump (`criu.images.validate_image_dir`), else why not:
+    the check `shim.policy.untrusted` applies to what a pod names."""
+    from criu.errors import CriuImageError
+    from criu.images import validate_image_dir
+
     try:
-        with open(os.path.join(directory, NOTE_NAME)) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
+        validate_image_dir(path)
+    except CriuImageError as exc:
+        return str(exc)
+    return ""
+
+
+def containerd_checkpoint_source(path: str, settings: CheckpointSettings, node: NodeConfig, container_id: str,
+                                 namespace: str, verify: Optional[ImageVerifier] = None) -> RestoreSource:
+    """containerd's checkpoint dir (a trusted client's, e.g. ``ctr c restore``), checked with the
+    detailed errors: missing or not a directory is InvalidArgument; empty, not CRIU, corrupt or
+    incomplete is FailedPrecondition. A dir holding only our note (containerd's copy of a checkpoint
+    whose image went to an image_path or CriuImagePath) leads to the image the note names, where
+    `shim.policy.untrusted.note_target` allows it (the note is content).
+
+    ``verify`` (the seal) sees the image before anything in it is read: a dir that holds a CRIU
+    image (its inventory, not read) is verified before its note is looked at; a dir without one
+    is containerd's copy of a note only (not sealed: the image it names is), and the note is read
+    (as an untrusted record) to find the image, which is verified where it is found."""
+    from criu.errors import CriuImageError
+    from criu.images import INVENTORY, validate_image_dir
+
+    origin = "containerd checkpoint"
+    what = f"restore container {container_id} ({origin})"
+    if not os.path.isabs(path):
+        raise TTRPCError(Code.INVALID_ARGUMENT, f"{what}: checkpoint image path {path!r} is not absolute")
+    source = RestoreSource(origin=origin, key="checkpoint", value=path, path=path, trusted=True)
+    has_image = os.path.lexists(os.path.join(path, INVENTORY))
+    note = None if has_image else read_note(path)
+    target = note.get("image_path") if note else None
+    if target and settings.scope is not None:
+        roots = [settings.scope.directory(node.checkpoint_store)]
+        if settings.image_root:
+            roots.append(settings.scope.directory(settings.image_root))
+        roots += list(node.restore_roots)
+        source = note_target(str(target), path, roots, node, settings.scope, container_id, namespace, verify)
+    elif verify is not None and os.path.isdir(path):
+        verify(path, path, "checkpoint", path)
+    try:
+        stats = validate_image_dir(source.path)
+    except CriuImageError as exc:
+        code = Code.INVALID_ARGUMENT if exc.reason in ("missing", "not-a-directory") else Code.FAILED_PRECONDITION
+        raise TTRPCError(code, f"{what}: {exc}") from exc
+    log.info("container %s: restore from %s (%d bytes, %d bytes of pages)", container_id, source.path,
+             stats.total_bytes, stats.page_bytes)
+    return source
 
 
 def recorded_options(image_dir: str) -> dict:
-    """The CheckpointOptions a (kybernate) checkpoint was taken with, from its completion marker."""
-    from criu.images import read_completion
+    """The CheckpointOptions a (kybernate) checkpoint was taken with, from its completion marker
+    (read as an untrusted record: a regular file, size-capped)."""
+    from criu.images import COMPLETE_MARKER, MARKER_VERSION
 
-    doc = read_completion(image_dir) or {}
+    doc = read_record(image_dir, COMPLETE_MARKER) or {}
+    if doc.get("version") != MARKER_VERSION:
+        return {}
     opts = (doc.get("meta") or {}).get("options")
     return opts if isinstance(opts, dict) else {}

@@ -23,10 +23,12 @@ def _short(value: object) -> str:
 
 
 def refuse(code: Code, container_id: str, key: str, value: object, why: str, *, action: str = "create",
-           namespace: str = "") -> TTRPCError:
-    """The error to raise for a refused input (InvalidArgument or PermissionDenied, as a rule)."""
-    audit_log.warning("AUDIT refused container=%s namespace=%s key=%s value=%s why=%s", container_id,
-                      namespace or "-", key, _short(value), why)
+           namespace: str = "", detail: str = "") -> TTRPCError:
+    """The error to raise for a refused input (InvalidArgument or PermissionDenied, as a rule).
+    ``detail``: what the node's audit line adds and the caller must not learn (why a restore source
+    was refused: the pod gets one sentence for "missing", "not allowed" and "not an image")."""
+    audit_log.warning("AUDIT refused container=%s namespace=%s key=%s value=%s why=%s%s", container_id,
+                      namespace or "-", key, _short(value), why, f" detail={detail!r}" if detail else "")
     return TTRPCError(code, f"{action} container {container_id}: {key}={_short(value)}: {why}")
 
 

@@ -145,7 +145,7 @@ class Container:
                               "criu_path": options.criu_path, "reason": choice.reason, "options": options.source})
 
         # checkpoint settings, restore source (checked), CRIU config: before anything is created
-        settings, restore_image = await seam.prepare_create(req, spec, options, bundle, namespace)
+        settings, restore_image = await seam.prepare_create(req, spec, options, bundle, node, namespace)
         # the layer stack, once: a malformed GPU annotation refuses the Create here
         layer = gpu_lifecycle.stack(PlainLayer(), cid, spec, has_gpus=choice.gpu, restore_image=restore_image,
                                     libcuda=node.libcuda, granted=choice.request)

@@ -223,7 +223,7 @@ def env(tmp_path_factory, results):
         mount = f"type=bind,src={libdir},dst={libdir},options=rbind:ro"
         ld_path = libdir
     workdir = tmp_path_factory.mktemp("gpu-containers")
-    cd = Containerd("1.6", workdir)
+    cd = Containerd("1.6", workdir, restore_roots=[str(workdir.parent), str(SCRATCH)])  # images in SCRATCH
     cd.env.update(XDG_RUNTIME_DIR=str(SCRATCH), KYBERNATE_LIBCUDA=libcuda)
     devices = [d for d in DEVICES if os.path.exists(d)]
     criu = shutil.which("criu", path=cd.env["PATH"]) or "criu"

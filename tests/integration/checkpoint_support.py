@@ -141,6 +141,27 @@ def api_checkpoint(cd: Containerd, cid: str, timeout: float = 120, **fields) -> 
         api.checkpoint(cd.namespace, cid, checkpoint_options(**fields), timeout=timeout)
 
 
+def store_image(cd: Containerd, cid: str, checkpoint_id: str = "ck") -> tuple[Path, str]:
+    """(image dir, name for kybernate.io/restore-from) of a new checkpoint of the ctr container
+    ``cid`` in the instance's checkpoint store, laid out as the shim scopes it
+    (<store>/<namespace>/_/<cid>/<checkpoint id>, parents made root's alone as `kybernate` makes them)."""
+    from shim.policy.store import make_dirs
+
+    parent = make_dirs(str(cd.checkpoint_store), [cd.namespace, "_", cid])
+    return Path(parent) / checkpoint_id, f"{cid}/{checkpoint_id}"
+
+
+def audit_lines(cd: Containerd, *words: str) -> list[str]:
+    """The shim's audit lines (logger kybernate.audit, in containerd's log) holding every word."""
+    return [line for line in cd.log_text().splitlines() if "AUDIT " in line and all(w in line for w in words)]
+
+
+def refused_code(cd: Containerd) -> str:
+    """The gRPC code a PermissionDenied from the shim reaches containerd's clients with: containerd
+    1.6/1.7 know no PermissionDenied in their error mapping (errdefs) and pass it on as Unknown."""
+    return "PERMISSION_DENIED" if cd.version.startswith("2.") else "UNKNOWN"
+
+
 def api_create_task(cd: Containerd, cid: str, timeout: float = 60) -> None:
     """Tasks.Create for an existing container, no IO, no rootfs (containerd's API subset in proto/ has
     no Create: CreateTaskRequest{container_id = 1} is encoded here). Raises grpc.RpcError."""

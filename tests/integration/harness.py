@@ -16,9 +16,12 @@ which containerd finds the matching containerd-shim-runc-v2, our shim (REPO/.ven
 The debug log of containerd (and of the shims, which log through it) is workdir/containerd.log.
 
 Each instance also has its own kybernate node config (workdir/kybernate.toml, named to containerd and
-so to the shims by KYBERNATE_CONFIG) and seal key (workdir/seal.key, 0600): checkpoints are sealed with
-that key and a restore needs a seal it verifies (checkpoint.require_seal, the default).
-`node_config()` changes the config for a while (the shim reads it at every Create and Checkpoint).
+so to the shims by KYBERNATE_CONFIG; `kybernate` run with ``cd.env`` reads it too): the checkpoint
+store is workdir/checkpoints, and checkpoint.restore_roots is the workdir's parent (pytest's tmp
+dirs, where tests put their images) unless ``restore_roots`` says otherwise. Checkpoints are sealed
+with the instance's own seal key (workdir/seal.key, 0600) and a restore needs a seal it verifies
+(checkpoint.require_seal, the default). `node_config()` changes the config for a while (the shim
+reads it at every Create and Checkpoint).
 """
 
 from __future__ import annotations
@@ -236,9 +239,10 @@ class Containerd:
     """A private containerd of one version. See the module docstring."""
 
     def __init__(self, version: str, workdir: Path | str, namespace: str | None = None,
-                 extra_config: str = "", keep_log: bool = True):
+                 extra_config: str = "", keep_log: bool = True, restore_roots: Sequence[str] | None = None):
         """extra_config: TOML appended to the generated config (must not repeat its tables).
-        keep_log: leave workdir/containerd.log after stop() (the only thing left)."""
+        keep_log: leave workdir/containerd.log after stop() (the only thing left).
+        restore_roots: the node config's checkpoint.restore_roots (default: the workdir's parent)."""
         self.version = version
         self.install = installation(version)
         self.workdir = Path(workdir).resolve()
@@ -260,6 +264,8 @@ class Containerd:
         self.cri_runc_root = self.state / "runc"               # CRI runtime "runc" (Root option)
         self.node_config_path = self.workdir / "kybernate.toml"
         self.seal_key_path = self.workdir / "seal.key"
+        self.checkpoint_store = self.workdir / "checkpoints"
+        self.restore_roots = [str(self.workdir.parent)] if restore_roots is None else [str(r) for r in restore_roots]
         self.env = self._environment()
         self.proc: subprocess.Popen | None = None
         self._log_file = None
@@ -283,9 +289,11 @@ class Containerd:
 
     # ---- kybernate's node config -------------------------------------------------------------
     def node_config_toml(self, **sections: Mapping[str, object]) -> str:
-        """The node config: the instance's seal key, seals required, with ``sections`` over them
-        (``checkpoint={"require_seal": False}``)."""
-        tables: dict[str, dict] = {"checkpoint": {"seal_key_file": str(self.seal_key_path), "require_seal": True}}
+        """The node config: the instance's store, restore roots and seal key, seals required, with
+        ``sections`` over them (``criu={"plugin_dir": ...}``, ``checkpoint={"require_seal": False}``)."""
+        tables: dict[str, dict] = {"checkpoint": {"store": str(self.checkpoint_store),
+                                                  "restore_roots": list(self.restore_roots),
+                                                  "seal_key_file": str(self.seal_key_path), "require_seal": True}}
         for name, values in sections.items():
             tables.setdefault(name, {}).update(values)
         lines = []
@@ -443,7 +451,8 @@ class Containerd:
             for sock in shim_sockets:   # a shim that was killed leaves its socket file
                 with contextlib.suppress(FileNotFoundError):
                     sock.unlink()
-            for p in (self.run_dir, self.root, self.opt_dir, self.cni_dir, self.workdir / "images"):
+            for p in (self.run_dir, self.root, self.opt_dir, self.cni_dir, self.workdir / "images",
+                      self.checkpoint_store):
                 shutil.rmtree(p, ignore_errors=True)
             if not self.shim_pids():
                 break
@@ -568,7 +577,8 @@ class Containerd:
             found.append(f"containerd pid {self.pid}")
         found += [f"shim pid {p}: {' '.join(_cmdline(p))}" for p in self.shim_pids()]
         found += [f"mount {m}" for m in mounts_under(self.workdir, self.run_dir)]
-        for p in (self.run_dir, self.root, self.opt_dir, self.cni_dir, self.runc_root, self.cri_runc_root):
+        for p in (self.run_dir, self.root, self.opt_dir, self.cni_dir, self.runc_root, self.cri_runc_root,
+                  self.checkpoint_store, self.node_config_path):
             if p.exists():
                 found.append(f"path {p}")
         for mnt in _cgroup_mounts():

@@ -10,7 +10,10 @@ The attacks: a flipped byte in a page image, a truncated page image, a file swap
 container's checkpoint, a file added, a file replaced by a symlink to its own copy, the seal removed,
 a checkpoint of another containerd namespace (another tenant), an image sealed with another key.
 
-Where the images live is `image_root` (one place): an absolute host path for restore-from today.
+The checkpoints are written into the node's checkpoint store (`image_root`, one place), in their
+containers' scopes; the tampered copies go to the test's tmp dir, beneath the harness's restore root,
+so that the store's resolution (shim.policy.untrusted) accepts them and the seal is what refuses them.
+The untampered image restores by its name in the store, relative to the container's scope.
 """
 from __future__ import annotations
 
@@ -30,9 +33,15 @@ from .harness import BUSYBOX_REF, KYBERNATE_RUNTIME
 
 
 @pytest.fixture(scope="module")
-def image_root(tmp_path_factory) -> Path:
-    """Where checkpoints are written and restored from (the store, once restore-from is scoped to one)."""
-    return tmp_path_factory.mktemp("checkpoints")
+def image_root(containerd) -> Path:
+    """Where checkpoints are written: the node's store (``<store>/<namespace>/_/<container>/<id>``)."""
+    return containerd.checkpoint_store
+
+
+def _in_store(image_root: Path, namespace: str, cid: str) -> Path:
+    from shim.policy.store import make_dirs
+
+    return Path(make_dirs(str(image_root), [namespace, "_", cid])) / "ck"
 
 
 def _checkpoint_counter(cd, cid: str, image: Path, log: Path, namespace: str | None = None) -> int:
@@ -75,7 +84,7 @@ def checkpoints(containerd, image_root, tmp_path_factory):
     images, last = {}, {}
     try:
         for name, (cid, ns) in made.items():
-            images[name] = image_root / name
+            images[name] = _in_store(image_root, ns, cid)
             last[name] = _checkpoint_counter(cd, cid, images[name], logs / f"{name}.log", namespace=ns)
             assert seal.is_sealed(str(images[name])), sorted(p.name for p in images[name].iterdir())
         yield images, last["a"]
@@ -194,15 +203,19 @@ def test_a_checkpoint_of_another_namespace_is_refused(containerd, container_id, 
 def test_the_untampered_image_restores_and_counts_on(containerd, container_id, checkpoints, tmp_path):
     cd, cid = containerd, container_id
     images, last_before = checkpoints
-    image = _copy(images["a"], tmp_path / "image")  # a seal does not bind the image to its directory
+    image = images["a"]
+    name = f"{image.parent.name}/{image.name}"   # in this container's scope of the store (namespace/_)
     log = tmp_path / "restored.log"
-    run_counter(cd, cid, KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={image}", log=log)
+    run_counter(cd, cid, KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={name}", log=log)
     first_after = wait_until(lambda: (log_counts(log) or [None])[0], 10)
     assert first_after == last_before + 1, (last_before, log.read_text()[:200])
     assert counting_past(cd, cid, first_after, 10) is not None
     assert task_status(cd, cid) == "RUNNING"
     text = cd.log_path.read_text(errors="replace")
     assert f"container {cid}: seal of {image} verified" in text
+    # a copy elsewhere (a restore root) verifies as well: a seal does not bind the image to its directory
+    copy = _copy(image, tmp_path / "copy")
+    seal.verify(str(copy), cd.seal_key, seal.identity_of(cd.namespace, {}, cid))
     # the restore read the image and left it as it was: it verifies again
     seal.verify(str(image), cd.seal_key, seal.identity_of(cd.namespace, {}, cid))
     remove(cd, cid)

@@ -80,9 +80,9 @@ class CriContainerd(Containerd):
         return ct.merge_config(base, version, ct.RuntimeSettings()).text
 
 
-def kubelet_labels(pod: str, uid: str) -> dict:
+def kubelet_labels(pod: str, uid: str, namespace: str = "kybtest") -> dict:
     """The labels kubelet puts on every sandbox and container (kybernate finds pods by them)."""
-    return {"io.kubernetes.pod.name": pod, "io.kubernetes.pod.namespace": "kybtest",
+    return {"io.kubernetes.pod.name": pod, "io.kubernetes.pod.namespace": namespace,
             "io.kubernetes.pod.uid": uid}
 
 
@@ -94,14 +94,15 @@ class Cri:
         self.pods: list[str] = []
         self.uids: dict[str, str] = {}
 
-    def run_pod(self, name: str, annotations: dict | None = None, handler: str = HANDLER) -> tuple[str, cri.PodSandboxConfig]:
+    def run_pod(self, name: str, annotations: dict | None = None, handler: str = HANDLER,
+                namespace: str = "kybtest") -> tuple[str, cri.PodSandboxConfig]:
         uid = secrets.token_hex(8)
         logs = self.cd.workdir / "pod-logs" / uid
         logs.mkdir(parents=True)
         config = cri.PodSandboxConfig(
-            metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace="kybtest", attempt=0),
+            metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace=namespace, attempt=0),
             log_directory=str(logs),   # no hostname: host network means the host's UTS namespace
-            labels={"app": name, **kubelet_labels(name, uid)}, annotations=annotations or {},
+            labels={"app": name, **kubelet_labels(name, uid, namespace)}, annotations=annotations or {},
             linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
                 namespace_options=cri.NamespaceOption(network=cri.NODE, pid=cri.CONTAINER, ipc=cri.POD))))
         self.uids[name] = uid
@@ -115,7 +116,7 @@ class Cri:
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name, attempt=attempt), image=cri.ImageSpec(image=image),
             command=command, annotations=annotations or {},
-            labels={**kubelet_labels(sandbox.metadata.name, sandbox.metadata.uid),
+            labels={**kubelet_labels(sandbox.metadata.name, sandbox.metadata.uid, sandbox.metadata.namespace),
                     "io.kubernetes.container.name": name},
             log_path=f"{name}/{attempt}.log")
         return self.rt.CreateContainer(cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config,
@@ -327,19 +328,24 @@ def test_checkpoint_of_unknown_pod_or_foreign_container_is_refused(cri_cd, clien
     assert r.returncode == 1 and "no container 'nope' in pod kybtest/runc-pod" in r.stderr
 
 
-def test_checkpoint_and_restore_through_the_pod_annotation(cri_cd, client, tmp_path):
+def test_checkpoint_and_restore_through_the_pod_annotation(cri_cd, client):
+    """`kybernate checkpoint NS/POD/CONTAINER` writes into the node's store, in the pod namespace's
+    scope; a new pod of that namespace restores it by name through the pod annotation
+    kybernate.io/restore-from (passed through by the installer's pod_annotations)."""
     pod_id, sandbox = client.run_pod("counter")
     cid = client.create(pod_id, sandbox, "counter", COUNTER)
     client.start(cid)
     assert wait_for(lambda: read_count(client, cid) >= 30, 20)
-    image = tmp_path / "ckpt"
-    r = kybernate(cri_cd, "checkpoint", "kybtest/counter/counter", "--image-path", str(image), "--exit")
+    r = kybernate(cri_cd, "checkpoint", "kybtest/counter/counter", "--exit")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"checkpoint of kybtest/counter/counter" in r.stdout and (image / "inventory.img").exists()
+    parent = cri_cd.checkpoint_store / "k8s.io" / "kybtest" / "counter" / "counter"
+    images = [d for d in parent.iterdir() if (d / "inventory.img").exists()]
+    assert len(images) == 1 and f"checkpoint of kybtest/counter/counter" in r.stdout, (r.stdout, images)
     assert wait_for(lambda: client.state(cid) == cri.CONTAINER_EXITED, 15)
     client.remove_pod(pod_id)
 
-    pod2, sandbox2 = client.run_pod("counter-restored", annotations={"kybernate.io/restore-from": str(image)})
+    name = f"counter/counter/{images[0].name}"     # relative to the scope <store>/k8s.io/kybtest
+    pod2, sandbox2 = client.run_pod("counter-restored", annotations={"kybernate.io/restore-from": name})
     restored = client.create(pod2, sandbox2, "counter", COUNTER)
     client.start(restored)
     assert client.state(restored) == cri.CONTAINER_RUNNING
@@ -350,6 +356,43 @@ def test_checkpoint_and_restore_through_the_pod_annotation(cri_cd, client, tmp_p
     # the sandbox of the restored pod is a fresh pause container, not a restore
     assert client.rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod2),
                                       timeout=30).status.state == cri.SANDBOX_READY
+
+
+def test_a_pod_of_another_namespace_cannot_restore_it(cri_cd, client):
+    """The same checkpoint, named by a pod of another Kubernetes namespace (relative, or by its path
+    in the store): the task's Create (CRI StartContainer) is refused with the one sentence for every
+    refused restore."""
+    pod_id, sandbox = client.run_pod("victim")
+    cid = client.create(pod_id, sandbox, "app", COUNTER)
+    client.start(cid)
+    r = kybernate(cri_cd, "checkpoint", "kybtest/victim/app")
+    assert r.returncode == 0, r.stdout + r.stderr
+    image = next((cri_cd.checkpoint_store / "k8s.io" / "kybtest" / "victim" / "app").iterdir())
+    client.remove_pod(pod_id)
+    for value in (f"victim/app/{image.name}", str(image), f"../kybtest/victim/app/{image.name}"):
+        pod2, sandbox2 = client.run_pod("thief", annotations={"kybernate.io/restore-from": value},
+                                        namespace="other-team")
+        thief = client.create(pod2, sandbox2, "app", COUNTER)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.start(thief)
+        assert "no checkpoint of that name that this container may restore from" in refused.value.details(), \
+            refused.value.details()
+        client.remove_pod(pod2)
+
+
+def test_a_pod_asking_for_a_criu_plugin_dir_is_refused(cri_cd, client, tmp_path):
+    """The pod annotation reaches the sandbox first: RunPodSandbox is refused naming the key, and a
+    container annotation refuses the container's start; nothing is loaded from the directory."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    with pytest.raises(grpc.RpcError) as refused:
+        client.run_pod("plugin", annotations={"kybernate.io/criu-plugin-dir": str(plugins)})
+    assert f"kybernate.io/criu-plugin-dir={str(plugins)!r}" in refused.value.details(), refused.value.details()
+    pod_id, sandbox = client.run_pod("plugin-container")
+    cid = client.create(pod_id, sandbox, "app", COUNTER, annotations={"kybernate.io/criu-plugin-dir": str(plugins)})
+    with pytest.raises(grpc.RpcError) as refused:
+        client.start(cid)
+    assert "plugin dir comes only from the node's config" in refused.value.details(), refused.value.details()
 
 
 class Registry:

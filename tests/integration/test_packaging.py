@@ -315,19 +315,28 @@ def test_kybernate_checkpoint_and_ps_by_containerd_id(containerd, container_id, 
     before = count(cd, container_id)
     assert wait_until(lambda: count(cd, container_id) > before, 10), "leave-running: it must go on counting"
 
-    image2 = tmp_path / "ckpt-exit"
-    r = kyb(cd, "checkpoint", container_id, "--image-path", str(image2), "--exit")
+    r = kyb(cd, "checkpoint", container_id, "--image-path", str(image))
+    assert r.returncode == 1 and "is not an empty directory" in r.stderr, "an existing image is never overwritten"
+
+    # by default into the node's checkpoint store, in the container's scope; restore finds the newest there
+    r = kyb(cd, "checkpoint", container_id, "--exit")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "the task has exited" in r.stdout and (image2 / "inventory.img").exists()
+    scope = cd.checkpoint_store / cd.namespace / "_" / container_id
+    images = [d for d in scope.iterdir() if (d / "inventory.img").exists()]
+    assert len(images) == 1 and f": {images[0]} (" in r.stdout, (r.stdout, images)
+    assert "the task has exited" in r.stdout and f"restore with: kybernate -n {cd.namespace} restore " in r.stdout
+    assert all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in (cd.checkpoint_store, scope, images[0]))
     assert wait_until(lambda: "STOPPED" in cd.ctr("tasks", "ls").stdout or
                       container_id not in cd.ctr("tasks", "ls").stdout, 15)
 
     r = kyb(cd, "checkpoint", container_id, "--image-path", str(tmp_path / "again"))
     assert r.returncode == 1 and "is not running" in r.stderr
 
-    r = kyb(cd, "restore", container_id, "--from", str(image2), "--ctr", str(cd.install.ctr))
+    r = kyb(cd, "restore", container_id, "--ctr", str(cd.install.ctr))
     assert r.returncode == 0, r.stdout + r.stderr
     assert count(cd, container_id) >= before
+    annotation = json.loads(cd.ctr("containers", "info", container_id).stdout)["Spec"]["annotations"]
+    assert annotation["kybernate.io/restore-from"] == f"{container_id}/{images[0].name}"   # a name in the scope
 
 
 def test_kybernate_checkpoint_refuses_unknown_and_foreign_containers(containerd, container_id, tmp_path):
@@ -338,3 +347,63 @@ def test_kybernate_checkpoint_refuses_unknown_and_foreign_containers(containerd,
     r = kyb(cd, "checkpoint", container_id, "--image-path", str(tmp_path / "y"))
     assert r.returncode == 1 and "is run by io.containerd.runc.v2, not by kybernate" in r.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_a_half_image_left_by_a_killed_shim_is_listed_and_skipped(containerd, container_id, tmp_path):
+    """The shim killed mid-checkpoint leaves a half image (issue #14): `kybernate checkpoints` lists it
+    as abandoned, doctor warns, `kybernate restore` skips it for the newest complete checkpoint, and
+    `kybernate checkpoints prune` removes it (and only it)."""
+    import signal
+    import threading
+
+    from .checkpoint_support import api_checkpoint
+
+    cd = containerd
+    hold = ("x=$(head -c 200000000 /dev/zero | tr '\\0' a); i=0; "
+            "while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done")
+    cd.ctr("run", "-d", "--runtime", "io.containerd.kybernate.v1", BUSYBOX_REF, container_id, "sh", "-c", hold)
+    assert wait_until(lambda: count(cd, container_id) > 2, 60), "the container never started counting"
+    r = kyb(cd, "checkpoint", container_id)  # a complete one first, leave running
+    assert r.returncode == 0, r.stdout + r.stderr
+    scope = cd.checkpoint_store / cd.namespace / "_" / container_id
+    complete = [d for d in scope.iterdir()]
+    assert len(complete) == 1
+    half = scope / "20991231T235959Z"  # sorts after the complete one: the newest
+    failure = {}
+
+    def dump() -> None:
+        try:
+            api_checkpoint(cd, container_id, image_path=str(half), timeout=120)
+        except Exception as exc:  # noqa: BLE001 - the shim dies under it
+            failure["error"] = exc
+
+    worker = threading.Thread(target=dump)
+    worker.start()
+    assert wait_until(lambda: (half / "kybernate-in-progress.json").exists(), 30), "the dump never started"
+    shim_pid = json.loads((half / "kybernate-in-progress.json").read_text())["pid"]  # the shim writing it
+    assert shim_pid in cd.shim_pids()
+    time.sleep(0.3)
+    os.kill(shim_pid, signal.SIGKILL)
+    worker.join(150)
+    assert "error" in failure, "the checkpoint RPC cannot succeed once its shim is killed"
+
+    ls = kyb(cd, "checkpoints", "--json")
+    assert ls.returncode == 0, ls.stderr
+    rows = {os.path.basename(r["path"]): r for r in json.loads(ls.stdout)}
+    assert rows[half.name]["status"] == "abandoned", (shim_pid, os.path.exists(f"/proc/{shim_pid}"), rows[half.name])
+    assert rows[complete[0].name]["status"] == "complete", rows
+    assert "abandoned" in kyb(cd, "checkpoints").stdout
+    doctor = kyb(cd, "doctor", "--json")
+    store_check = [c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "checkpoint store"]
+    assert store_check and store_check[0]["status"] == "warn" and half.name in store_check[0]["detail"], doctor.stdout
+
+    cd.ctr("tasks", "kill", "-s", "SIGKILL", container_id, check=False)
+    wait_until(lambda: container_id not in cd.ctr("tasks", "ls", "-q").stdout or
+               "STOPPED" in cd.ctr("tasks", "ls").stdout, 15)
+    r = kyb(cd, "restore", container_id, "--ctr", str(cd.install.ctr))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"skipping {half}: abandoned" in r.stderr and f"from {complete[0]}" in r.stdout, (r.stdout, r.stderr)
+
+    pruned = kyb(cd, "checkpoints", "prune")
+    assert pruned.returncode == 0 and f"removed {half}" in pruned.stdout, pruned.stdout + pruned.stderr
+    assert not half.exists() and complete[0].is_dir()

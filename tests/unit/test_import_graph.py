@@ -70,9 +70,11 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     # the top: start/delete/daemon; the warm template preloads every room the daemon will use
     "shim.binary": frozenset({"shim.task", "shim.checkpoint", "shim.gpu", "shim.runtime", "shim.cgroups",
                               "shim.policy", "shim", "fsutil", "ttrpc", "proto"}),
-    # The operator's command: a containerd client. It may read the shim's leaves (shim.wire), never
-    # the task service or the binary's lifecycle.
-    "kybernate": frozenset({"proto", "criu", "cuda_bindings", "shim", "fsutil"}),
+    # The operator's command: a containerd client. It may read the shim's leaves (shim.wire) and the
+    # node's policy (shim.policy: the node config and the checkpoint store's layout, so that
+    # `kybernate checkpoint` writes where the shim's restore looks: one layout, no twin), never the
+    # task service or the binary's lifecycle.
+    "kybernate": frozenset({"proto", "criu", "cuda_bindings", "shim", "shim.policy", "fsutil"}),
 }
 
 # Arrows that must never exist, whatever MAY_IMPORT says later (the reason is the message).

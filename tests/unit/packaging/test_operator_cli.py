@@ -366,6 +366,7 @@ def test_checkpoint_quiet_returns_after_the_checkpoint_rpc(tmp_path, monkeypatch
 
             image = Path(unpack(options, options_pb2.CheckpointOptions).image_path)
             time.sleep(1.5)
+            image.mkdir(parents=True)   # the shim makes the image dir (and removes it if the checkpoint fails)
             (image / "inventory.img").write_bytes(struct.pack("<I", INVENTORY_MAGIC) + b"\0" * 12)
             (image / "pstree.img").write_bytes(struct.pack("<II", IMG_COMMON_MAGIC, PSTREE_MAGIC))
             (image / SEAL_MANIFEST).write_text("{}")  # the shim seals it (else kybernate warns on stderr)
@@ -445,6 +446,7 @@ def test_checkpoint_says_whether_the_shim_sealed_the_image(tmp_path, monkeypatch
             from proto.containerd.runc.v1 import options_pb2
 
             image = Path(unpack(options, options_pb2.CheckpointOptions).image_path)
+            image.mkdir(parents=True)   # the shim makes the image dir
             (image / "inventory.img").write_bytes(struct.pack("<I", INVENTORY_MAGIC) + b"\0" * 12)
             (image / "pstree.img").write_bytes(struct.pack("<II", IMG_COMMON_MAGIC, PSTREE_MAGIC))
             if sealed["yes"]:
@@ -458,3 +460,30 @@ def test_checkpoint_says_whether_the_shim_sealed_the_image(tmp_path, monkeypatch
     assert main(["checkpoint", "c1", "-q", "--image-path", str(tmp_path / "b")]) == 0
     out, err = capsys.readouterr()
     assert "NOT sealed)" in out and "is not sealed" in err and "refuses to restore it" in err
+
+
+# ---- checkpoint/restore in the node's store ----------------------------------------------------------
+def test_default_image_dir_is_in_the_containers_scope_and_left_for_the_shim_to_make(tmp_path):
+    from kybernate.checkpoint import default_image_dir
+    from shim.policy.store import Scope
+
+    store = tmp_path / "store"
+    image = default_image_dir(str(store), Scope("k8s.io", "prod", ("trainer", "train")))
+    assert image.parent == store / "k8s.io" / "prod" / "trainer" / "train" and not image.exists()
+    for d in (store, store / "k8s.io", store / "k8s.io" / "prod", image.parent):
+        assert d.stat().st_mode & 0o777 == 0o700, d
+    plain = default_image_dir(str(store), Scope("default", "", ("c1",)))
+    assert plain.parent == store / "default" / "_" / "c1"
+
+
+def test_restore_name_is_relative_to_the_scope_or_the_path_itself(tmp_path):
+    from kybernate.checkpoint import restore_name
+    from shim.policy.store import Scope
+
+    store = str(tmp_path / "store")
+    scope = Scope("default", "", ("c2",))         # the restored container's own scope: <store>/default/_
+    assert restore_name(Path(store, "default", "_", "c1", "ck"), store, scope) == "c1/ck"
+    assert restore_name(Path(store, "other", "_", "c1", "ck"), store, scope) == f"{store}/other/_/c1/ck"
+    assert restore_name(Path("/mnt/ck"), store, scope) == "/mnt/ck"
+    cri = Scope("k8s.io", "prod", ("trainer-2", "train"))
+    assert restore_name(Path(store, "k8s.io", "prod", "trainer", "train", "ck"), store, cri) == "trainer/train/ck"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from criu.images import COMPLETE_MARKER, IMG_COMMON_MAGIC, INVENTORY_MAGIC, PSTREE_MAGIC, mark_complete
+from criu.images import COMPLETE_MARKER, IMG_COMMON_MAGIC, IN_PROGRESS_MARKER, INVENTORY_MAGIC, PSTREE_MAGIC, mark_complete
 from shim.checkpoint import seal as S
 from shim.checkpoint import seam
 from ttrpc import Code, TTRPCError
@@ -289,7 +289,7 @@ def _create(tmp_path: Path, image: Path, namespace: str = "team-a", how: str = "
         spec["annotations"]["kybernate.io/restore-from"] = str(image)
     (bundle / "config.json").write_text(json.dumps(spec))
     req = CreateRequest(checkpoint=str(image) if how == "checkpoint" else "")
-    return asyncio.run(seam.prepare_create(req, spec, RuntimeOptions(), str(bundle), namespace))
+    return asyncio.run(seam.prepare_create(req, spec, RuntimeOptions(), str(bundle), namespace=namespace))
 
 
 def _refused_create(tmp_path, image, caplog, **kw) -> TTRPCError:
@@ -322,6 +322,62 @@ def test_create_refuses_a_tampered_image_naming_the_file_with_an_audit_line(tmp_
     audit = [r.getMessage() for r in caplog.records if r.name == "kybernate.audit"]
     assert any("AUDIT refused container=web namespace=team-a" in a and f"key={key}" in a and "pages-1.img" in a
                for a in audit), audit
+
+
+def test_the_seal_is_checked_where_the_store_found_the_image_before_its_own_checks(tmp_path, node_config, caplog,
+                                                                                   monkeypatch):
+    """A name in the container's scope of the store (relative, as a pod gives it): the seal is checked
+    on the directory the store's resolution opened, before the image check reads inventory.img (a
+    corrupt inventory is the seal's refusal, naming the file), and the refusal quotes the pod's value."""
+    from shim.checkpoint import settings as checkpoint_settings
+
+    image = sealed(node_config.store / "team-a" / "_" / "web" / "ck1", key=node_config.key)
+    read = []
+    real_problem = checkpoint_settings.image_problem
+    monkeypatch.setattr(seam, "image_problem", lambda path: read.append(path) or real_problem(path))
+    spec_value = "web/ck1"
+    assert _create_named(tmp_path, spec_value)[1] == str(image)
+    assert read and read[0].startswith("/proc/self/fd/")          # the store's fd, after the seal
+    (image / "inventory.img").write_bytes(b"\0" * 16)              # corrupt, same size
+    read.clear()
+    caplog.set_level(logging.WARNING, logger="kybernate.audit")
+    with pytest.raises(TTRPCError) as e:
+        _create_named(tmp_path / "second", spec_value)
+    assert e.value.code == Code.PERMISSION_DENIED and read == []
+    assert e.value.message.startswith("restore container web: kybernate.io/restore-from='web/ck1': inventory.img: ")
+    audit = [r.getMessage() for r in caplog.records if r.name == "kybernate.audit"]
+    assert any("inventory.img" in a and f"image {image}" in a for a in audit), audit
+
+
+def test_another_scopes_checkpoint_is_the_stores_refusal_and_never_read(tmp_path, node_config, caplog, monkeypatch):
+    image = sealed(node_config.store / "team-b" / "_" / "web" / "ck1", key=node_config.key)
+    monkeypatch.setattr(S, "verify", lambda *a, **k: pytest.fail("the seal of another scope's image was read"))
+    e = _refused_create(tmp_path, image, caplog)
+    assert e.code == Code.PERMISSION_DENIED and "no checkpoint of that name" in e.message
+
+
+def test_a_note_in_containerds_dir_leads_to_an_image_whose_seal_is_checked(tmp_path, node_config, caplog):
+    from shim.checkpoint.settings import write_note
+
+    image = sealed(node_config.store / "team-a" / "_" / "web" / "ck1", key=node_config.key)
+    copy = tmp_path / "containerd-copy"
+    copy.mkdir()
+    write_note(str(copy), {"container_id": "web", "image_path": str(image)})
+    assert _create(tmp_path, copy, how="checkpoint")[1] == str(image)
+    (image / "core-1.img").write_bytes(os.urandom((image / "core-1.img").stat().st_size))
+    e = _refused_create(tmp_path / "second", copy, caplog, how="checkpoint")
+    assert e.code == Code.PERMISSION_DENIED and "core-1.img" in e.message
+
+
+def _create_named(tmp_path: Path, value: str, namespace: str = "team-a"):
+    from shim.runtime.options import RuntimeOptions
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir(parents=True, exist_ok=True)
+    spec = {"ociVersion": "1.0.2", "process": {"args": ["sh"], "env": []},
+            "annotations": {"kybernate.io/restore-from": value}}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return asyncio.run(seam.prepare_create(CreateRequest(), spec, RuntimeOptions(), str(bundle), namespace=namespace))
 
 
 def test_create_refuses_a_checkpoint_of_another_namespace(tmp_path, node_config, caplog):
@@ -382,6 +438,7 @@ def test_a_checkpoint_into_containerds_dir_seals_every_file_with_the_note(tmp_pa
     assert image == str(path)
     files = json.loads((path / S.MANIFEST_NAME).read_text())["body"]["files"]
     assert {"inventory.img", "pstree.img", COMPLETE_MARKER, "kybernate-checkpoint.json"} <= set(files)
+    assert IN_PROGRESS_MARKER not in files and not (path / IN_PROGRESS_MARKER).exists()  # removed before sealing
     assert S.verify(str(path), node_config.key, {"namespace": "ns", "pod_namespace": ""}).files == len(files)
 
 
@@ -395,3 +452,19 @@ def test_a_checkpoint_without_a_key_is_unsealed_and_a_bad_key_fails_before_criu(
         _checkpoint(tmp_path, None, image_path=str(tmp_path / "i2"))
     assert e.value.code == Code.FAILED_PRECONDITION and "checkpoint container c1" in e.value.message
     assert not (tmp_path / "i2").exists()
+
+
+def test_a_directory_without_an_image_is_the_stores_one_sentence_not_the_seals(tmp_path, node_config, caplog):
+    """No inventory.img: nothing to verify, and the image check refuses it without reading anything;
+    the pod gets the same sentence as for a missing name (it cannot tell an empty dir from none)."""
+    empty = node_config.store / "team-a" / "_" / "web" / "empty"
+    empty.mkdir(parents=True)
+    (empty / "pages-1.img").write_bytes(b"x" * 100)
+    for value in ("web/empty", "web/missing"):
+        caplog.clear()
+        caplog.set_level(logging.WARNING, logger="kybernate.audit")
+        with pytest.raises(TTRPCError) as e:
+            _create_named(tmp_path, value)
+        assert e.value.code == Code.PERMISSION_DENIED
+        assert e.value.message == (f"restore container web: kybernate.io/restore-from={value!r}: "
+                                   "no checkpoint of that name that this container may restore from")

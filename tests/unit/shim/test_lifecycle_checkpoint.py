@@ -16,6 +16,8 @@ from criu.images import IMG_COMMON_MAGIC, INVENTORY_MAGIC, PSTREE_MAGIC, is_comp
 from shim.checkpoint.layer import PlainLayer
 from shim.gpu import lifecycle as gpu
 from shim.checkpoint.settings import NOTE_NAME, CheckpointSettings
+from shim.policy.node import NodeConfig
+from shim.policy.untrusted import checkpoint_settings
 from shim.task.container import Container
 from shim.task.io import StdioPaths
 from shim.runtime.options import RuntimeOptions
@@ -81,7 +83,7 @@ def make(tmp_path: Path, runtime: FakeRuntime, annotations=None, state=State.RUN
     spec = {"ociVersion": "1.0.2", "annotations": dict(annotations or {})}
     opts = options or RuntimeOptions()
     c = Container("c1", str(bundle), "ns", runtime, None, spec, "", opts, None)
-    c.checkpoint_settings = CheckpointSettings.from_spec(spec, opts, "c1", environ={})
+    c.checkpoint_settings = CheckpointSettings.from_pod(checkpoint_settings(spec, NodeConfig(), "c1", "ns"), opts)
     init = InitProcess("c1", "c1", StdioPaths())
     if state is State.CREATED_CHECKPOINT:
         init.current = CreatedFromCheckpoint(init, image)
@@ -138,7 +140,7 @@ def test_runtime_option_image_root_and_exit_annotation(tmp_path):
         return await c.checkpoint(request(tmp_path / "containerd-dir"))
 
     image = Path(run(go()))
-    assert image.parent == tmp_path / "root" / "ns" / "c1" and is_complete(image)
+    assert image.parent == tmp_path / "root" / "ns" / "_" / "c1" and is_complete(image)
     assert "--leave-running" not in rt.calls[0][1]
 
 
@@ -161,11 +163,10 @@ def test_failure_thaws_quotes_criu_and_removes_the_image_it_made(tmp_path):
     assert "Connected TCP socket" in (tmp_path / "bundle" / "criu-dump.log").read_text()
 
 
-def test_failure_of_a_paused_task_leaves_it_paused_and_an_existing_dir_unmarked(tmp_path):
+def test_failure_of_a_paused_task_leaves_it_paused_and_an_empty_dir_of_the_caller_unmarked(tmp_path):
     rt = FakeRuntime(fail="boom", status="paused")
     image = tmp_path / "image"
-    write_image(image)
-    mark_complete(image, {"old": True})
+    image.mkdir()
 
     async def go():
         c = make(tmp_path, rt, state=State.PAUSED)
@@ -174,7 +175,41 @@ def test_failure_of_a_paused_task_leaves_it_paused_and_an_existing_dir_unmarked(
     with pytest.raises(TTRPCError):
         run(go())
     assert ("resume", "c1") not in rt.calls
-    assert image.is_dir() and not is_complete(image), "an old mark must not vouch for a failed dump"
+    assert image.is_dir() and not is_complete(image), "a failed dump is not marked complete"
+
+
+@pytest.mark.parametrize("where", ["relative", "etc-like", "bundle", "rootfs", "file", "complete-image"])
+def test_image_and_work_paths_are_refused_unless_absolute_outside_and_new_or_empty(tmp_path, where):
+    """CheckpointOptions come from a trusted client but are bound by sanity: a relative path (runc
+    would resolve it in the bundle), a directory that holds files (even an earlier image: nothing
+    the shim did not make is overwritten or removed), the bundle or the rootfs. Refused before runc
+    runs; nothing is written or removed."""
+    rt = FakeRuntime()
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text("root:x:0:0\n")
+    (tmp_path / "bundle" / "rootfs").mkdir(parents=True)
+    (tmp_path / "afile").write_text("x")
+    complete = tmp_path / "old-image"
+    write_image(complete)
+    mark_complete(complete, {"old": True})
+    value = {"relative": "ckpt", "etc-like": str(etc), "bundle": str(tmp_path / "bundle" / "ckpt"),
+             "rootfs": str(tmp_path / "bundle" / "rootfs" / "tmp" / "ckpt"), "file": str(tmp_path / "afile"),
+             "complete-image": str(complete)}[where]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for key in ("image_path", "work_path"):
+        fields = {key: value} if key == "image_path" else {"image_path": str(tmp_path / "new"), key: value}
+
+        async def go():
+            await make(tmp_path, rt).checkpoint(request(None, **fields))
+
+        with pytest.raises(TTRPCError) as e:
+            run(go())
+        assert e.value.code == Code.INVALID_ARGUMENT, e.value
+        assert e.value.message.startswith(f"checkpoint container c1: CheckpointOptions.{key}={value!r}: "), e.value
+    assert rt.calls == []
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before, "something was written or removed"
+    assert is_complete(complete) and (etc / "passwd").read_text() == "root:x:0:0\n"
 
 
 @pytest.mark.parametrize("opts,words", [({"cgroups_mode": "sideways"}, "sideways"),
