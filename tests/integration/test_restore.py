@@ -181,13 +181,18 @@ def test_restore_of_a_terminal_task_gets_the_new_console(containerd, container_i
 def test_a_truncated_page_image_is_refused_before_criu_runs(containerd, container_id, counter_image, tmp_path, cut):
     """CRIU 4.1.1's restorer spins for ever on a page image cut short (its log grew 40 MB/s): the
     shim compares every page image with its pagemaps first. Refused at Create, CRIU never started;
-    the pod gets the one sentence of every refused restore-from, the audit line names the file."""
+    the pod gets the one sentence of every refused restore-from, the audit line names the file. The
+    image is sealed again after the cut (a node's own broken image): the seal passes, the pagemap check
+    refuses (an image cut by anyone else is the seal's refusal: test_attack_seal.py)."""
+    from shim.checkpoint import seal
+
     cd, cid = containerd, container_id
     image, _, _ = counter_image
     damaged = tmp_path / "truncated"
     shutil.copytree(image, damaged)
     biggest = max(damaged.glob("pages-*.img"), key=lambda p: p.stat().st_size)
     os.truncate(biggest, cut)
+    seal.seal(str(damaged), cd.seal_key, seal.identity_of(cd.namespace, {}, cid))
     r = cd.ctr("run", "-d", "--runtime", KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={damaged}",
                "docker.io/kybernate/busybox:test", cid, "sh", "-c", "echo fresh", check=False, timeout=60)
     assert r.returncode != 0
