@@ -8,8 +8,8 @@
 # KYB_GPU_WORKLOAD, KYB_LIBCUDA (the driver's libcuda.so.1, resolved) and KYB_SETUP_OK=1 on success
 # (0 and a message on stderr otherwise; it never exits the shell that sources it).
 #
-# The shim wrapper it writes (REPO/.venv/bin/containerd-shim-kybernate-v1) runs the machine's python3
-# with PYTHONPATH=REPO:/tmp/site and KYBERNATE_LIBCUDA set: containerd's environment (the harness
+# The shim script it writes (REPO/.venv/bin/containerd-shim-kybernate-v1) runs the machine's python3
+# with REPO and /tmp/site first on sys.path and KYBERNATE_LIBCUDA set: containerd's environment (the harness
 # keeps only PATH and a few locale variables) has no LD_LIBRARY_PATH, and libcuda.so.1 may live outside
 # the loader's default path (/usr/local/nvidia/lib64 on the test machine).
 #
@@ -67,9 +67,17 @@ for line in open("/proc/self/maps"):
   [ -n "$libcuda" ] && libcuda=$(readlink -f "$libcuda")
 
   mkdir -p "$venv/bin" || return 1
+  # A python script, not a shell wrapper: the warm template serves only a peer whose command line is
+  # "<interpreter> <this script> ... start" (shim/binary/template.py), as bin/containerd-shim-kybernate-v1 is.
+  local libline=""
+  [ -n "$libcuda" ] && libline="os.environ.setdefault('KYBERNATE_LIBCUDA', '$libcuda')"
   cat > "$venv/bin/containerd-shim-kybernate-v1" <<EOF
-#!/bin/sh
-${libcuda:+KYBERNATE_LIBCUDA="$libcuda" }PYTHONPATH="$repo:$site\${PYTHONPATH:+:\$PYTHONPATH}" exec $py -c 'import sys; from shim.binary.cli import main; sys.exit(main())' "\$@"
+#!$py
+import os, sys
+sys.path[:0] = ["$repo", "$site"]
+$libline
+from shim.binary.cli import main
+sys.exit(main())
 EOF
   cat > "$venv/bin/python" <<EOF
 #!/bin/sh

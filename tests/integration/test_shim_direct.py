@@ -963,13 +963,13 @@ def test_daemon_with_socket_flag(tmp_path):
 
 @pytest.mark.skipif(not criu_works(), reason="CRIU missing or `criu check` fails here")
 def test_a_pods_other_containers_keep_answering_while_one_is_checkpointed(shim, tmp_path):
-    """One shim serves a whole pod: while one container's checkpoint runs (runc + CRIU dumping ~100 MB,
+    """One shim serves a whole pod: while one container's checkpoint runs (runc + CRIU dumping ~300 MB,
     then the shim's own work: marker, logs, scratch dir, the seal), State of another container answers fast."""
     import threading
 
     from proto.containerd.runc.v1 import options_pb2
 
-    hold = "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ready > /tmp/ready; sleep 1000"
+    hold = "x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo ready > /tmp/ready; sleep 1000"
     shim.create("big", ["sh", "-c", hold])
     shim.call("Start", api.StartRequest(id="big"))
     shim.create("small", ["sleep", "1000"])
@@ -988,7 +988,7 @@ def test_a_pods_other_containers_keep_answering_while_one_is_checkpointed(shim, 
             t0 = time.perf_counter()
             assert second.call(V2, "State", api.StateRequest(id="small"), api.StateResponse, timeout=30).status == 2
             latencies.append(time.perf_counter() - t0)
-            time.sleep(0.02)
+            time.sleep(0.01)
 
     poller = threading.Thread(target=poll)
     poller.start()
@@ -1001,7 +1001,7 @@ def test_a_pods_other_containers_keep_answering_while_one_is_checkpointed(shim, 
         done.set()
         poller.join()
         second.close()
-    assert took > 0.3, f"the checkpoint took only {took:.2f} s: nothing to measure against"
-    assert len(latencies) >= 5, latencies
+    assert took > 0.2, f"the checkpoint took only {took:.2f} s: nothing to measure against"
+    assert len(latencies) >= 3, latencies
     assert max(latencies) < 0.5, f"State of another container waited {max(latencies):.2f} s during the checkpoint"
-    assert (tmp_path / "image" / "kybernate-seal.json").is_file(), "the seal (hashing ~100 MB) was part of it"
+    assert (tmp_path / "image" / "kybernate-seal.json").is_file(), "the seal (hashing ~300 MB) was part of it"

@@ -42,11 +42,8 @@ def stuck_cd(request, tmp_path):
     (wrap / "criu").write_text(f"#!/bin/sh\nif [ -e {hang} ]; then\n  if [ -e {hang}.seen ]; then exec python3 -c 'import time; time.sleep(3600)' "
                                f"kybernate-stuck-criu; fi\n  touch {hang}.seen\nfi\nexec {real} \"$@\"\n")
     os.chmod(wrap / "criu", 0o755)
-    config = tmp_path / "kybernate.toml"
-    config.write_text(f"[criu]\nrestore_timeout_s = {deadline}\n")
-    os.chmod(config, 0o644)
     cd.env["PATH"] = f"{wrap}{os.pathsep}{cd.env['PATH']}"
-    cd.env["KYBERNATE_CONFIG"] = str(config)
+    cd.write_node_config(criu={"restore_timeout_s": deadline})  # the harness's store and restore roots, too
     cd.start()
     try:
         cd.import_busybox()
