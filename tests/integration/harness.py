@@ -266,6 +266,7 @@ class Containerd:
         self.seal_key_path = self.workdir / "seal.key"
         self.checkpoint_store = self.workdir / "checkpoints"
         self.restore_roots = [str(self.workdir.parent)] if restore_roots is None else [str(r) for r in restore_roots]
+        self.node_sections: dict[str, Mapping[str, object]] = {}   # standing node config over the defaults
         self.env = self._environment()
         self.proc: subprocess.Popen | None = None
         self._log_file = None
@@ -303,6 +304,14 @@ class Containerd:
         return "\n".join(lines) + "\n"
 
     def write_node_config(self, **sections: Mapping[str, object]) -> None:
+        """Make ``sections`` the instance's standing node config (over the defaults) and write it,
+        before start() too: start() and the end of every node_config() write it again."""
+        self.node_sections = dict(sections)
+        self._write_node_config(self.node_sections)
+
+    def _write_node_config(self, sections: Mapping[str, Mapping[str, object]]) -> None:
+        """The node config file, and the seal key the first time (kept for the instance's life)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.seal_key_path.exists():
             fd = os.open(self.seal_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.write(fd, secrets.token_hex(32).encode() + b"\n")
@@ -314,12 +323,16 @@ class Containerd:
 
     @contextlib.contextmanager
     def node_config(self, **sections: Mapping[str, object]):
-        """The node config with ``sections`` for the duration (containers created meanwhile get it)."""
-        self.write_node_config(**sections)
+        """The node config with ``sections`` over the standing one for the duration (containers created
+        meanwhile get it); then the standing one again."""
+        merged = {name: dict(values) for name, values in self.node_sections.items()}
+        for name, values in sections.items():
+            merged.setdefault(name, {}).update(values)
+        self._write_node_config(merged)
         try:
             yield self.node_config_path
         finally:
-            self.write_node_config()
+            self._write_node_config(self.node_sections)
 
     @property
     def seal_key(self) -> bytes:
@@ -396,7 +409,7 @@ class Containerd:
         for d in (self.workdir, self.root, self.run_dir, self.state, self.opt_dir, self.cni_dir / "net.d"):
             d.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_toml())
-        self.write_node_config()
+        self._write_node_config(self.node_sections)
         self._log_file = open(self.log_path, "ab")
         self._log_file.write(f"==== harness: starting containerd {self.version} ====\n".encode())
         self._log_file.flush()
