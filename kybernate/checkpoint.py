@@ -37,6 +37,7 @@ import grpc
 
 from . import (CRI_NAMESPACE, LABEL_CONTAINER_NAME, LABEL_POD_NAME, LABEL_POD_NAMESPACE, RESTORE_ANNOTATION,
                RUNTIME_HANDLER, RUNTIME_TYPE, SEAL_MANIFEST, OperatorError)
+from .checkpoints import checkpoint_store, human, newest_complete, tree_size  # noqa: F401 - shared with `checkpoints`
 from .containerd_api import Containerd, describe_rpc_error, spec_of, status_name
 
 
@@ -114,27 +115,6 @@ def resolve(client: Containerd, target: Target) -> tuple[Target, object]:
 
 
 # ---- progress -----------------------------------------------------------------------------------
-def tree_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 class Progress:
     """Runs `work` in a thread; meanwhile shows elapsed time and the size of `watch` on `stream`.
 
@@ -195,7 +175,6 @@ class Progress:
 
 
 # ---- the store ----------------------------------------------------------------------------------
-from kybernate.checkpoints import checkpoint_store, newest_complete  # noqa: E402 - shared with `checkpoints`
 
 
 def scope_of(namespace: str, container_id: str, container=None):

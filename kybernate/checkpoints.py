@@ -25,7 +25,10 @@ class StoredCheckpoint:
     size_bytes: int
 
 
-def _tree_size(path: Path) -> int:
+def tree_size(path) -> int:
+    """Bytes of the regular files below `path` (or of the file `path`), links not followed."""
+    if os.path.isfile(path) and not os.path.islink(path):
+        return os.lstat(path).st_size
     total = 0
     for root, _dirs, files in os.walk(path, followlinks=False):
         for name in files:
@@ -57,7 +60,7 @@ def list_store(store: str) -> list[StoredCheckpoint]:
     out = []
     for d in _candidates(root):
         status, why = checkpoint_status(d)
-        out.append(StoredCheckpoint(str(d), str(d.parent.relative_to(root)), status, why, _tree_size(d)))
+        out.append(StoredCheckpoint(str(d), str(d.parent.relative_to(root)), status, why, tree_size(d)))
     return out
 
 

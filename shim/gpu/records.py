@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 from fsutil.atomic import atomic_write
+from fsutil.bounded import UnsafeFile, read_regular
 
 RECORD_NAME = "kybernate-gpu.json"
 RECORD_FORMAT = 1
@@ -88,20 +88,14 @@ def read_record(image_dir: str) -> Optional[dict]:
     file, over MAX_RECORD_BYTES or not a JSON object raises RecordError (the image is untrusted)."""
     path = os.path.join(image_dir, RECORD_NAME)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
+        found = read_regular(path, MAX_RECORD_BYTES)
+    except UnsafeFile as exc:
+        raise RecordError(f"{exc} (a GPU record must be a small regular file)") from exc
     except OSError as exc:
-        raise RecordError(f"{path}: {exc.strerror} (a GPU record must be a regular file, not a link)") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RecordError(f"{path}: not a regular file")
-        if st.st_size > MAX_RECORD_BYTES:
-            raise RecordError(f"{path}: {st.st_size} bytes, more than a GPU record's {MAX_RECORD_BYTES}")
-        data = os.read(fd, MAX_RECORD_BYTES + 1)
-    finally:
-        os.close(fd)
+        raise RecordError(f"{path}: {exc.strerror}") from exc
+    if found is None:
+        return None
+    data, _ = found
     try:
         doc = json.loads(data)
     except ValueError as exc:

@@ -35,6 +35,8 @@ import stat
 from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
+from fsutil.bounded import UnsafeFile, read_regular
+
 CONFIG_ENV = "KYBERNATE_CONFIG"
 DEFAULT_CONFIG = "/etc/kybernate/config.toml"
 DEFAULT_STORE = "/var/lib/kybernate/checkpoints"
@@ -143,23 +145,17 @@ def _read_toml(path: str) -> Optional[dict]:
     import tomllib
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
+        found = read_regular(path, MAX_CONFIG_BYTES)
+    except UnsafeFile as exc:
+        raise NodeConfigError(f"node config {path}: {exc}") from exc
     except OSError as exc:
         raise NodeConfigError(f"node config {path}: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NodeConfigError(f"node config {path}: not a regular file")
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            raise NodeConfigError(f"node config {path}: must be owned by root and not writable by group or others "
-                                  f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
-        data = os.read(fd, MAX_CONFIG_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise NodeConfigError(f"node config {path}: larger than {MAX_CONFIG_BYTES} bytes")
+    if found is None:
+        return None
+    data, st = found
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise NodeConfigError(f"node config {path}: must be owned by root and not writable by group or others "
+                              f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
     try:
         doc = tomllib.loads(data.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -30,10 +30,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
+from fsutil.bounded import UnsafeFile, read_regular
 from ttrpc.codes import Code
 from ttrpc.errors import TTRPCError
 
@@ -307,26 +307,15 @@ def read_record(directory: str, name: str, limit: int = MAX_RECORD_BYTES) -> Opt
     """A small JSON record from an image dir: a regular file (never through a link), at most
     ``limit`` bytes, a JSON object; None otherwise (absent, a link, a fifo, too big, not JSON)."""
     try:
-        fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        found = read_regular(os.path.join(directory, name), limit)
+    except UnsafeFile as exc:
+        log.warning("%s: ignored", exc)
+        return None
     except OSError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            log.warning("%s in %s is not a regular file: ignored", name, directory)
-            return None
-        data = b""
-        while len(data) <= limit:
-            chunk = os.read(fd, limit + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
-    except OSError:
+    if found is None:
         return None
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        log.warning("%s in %s is larger than %d bytes: ignored", name, directory, limit)
-        return None
+    data, _ = found
     try:
         doc = json.loads(data)
     except ValueError:
