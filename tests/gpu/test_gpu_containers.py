@@ -702,10 +702,19 @@ def test_7_gpu_placement_identity_and_refusal(env, results):
             "other-model": (lambda r: r["gpu_models"].update({gpu0.uuid: DOCTORED_MODEL}),
                             f"GPU model {DOCTORED_MODEL!r} at checkpoint, {gpu0.model!r}"),
         }
+        from shim.checkpoint import seal
+
+        def reseal() -> None:
+            """The node's own key seals the doctored record: what is tested is the placement's refusal
+            of a record this node made (a record changed by anyone else is the seal's refusal:
+            tests/integration/test_attack_seal.py)."""
+            seal.seal(str(images), env.cd.seal_key, seal.identity_of(env.cd.namespace, {}, c.id))
+
         for name, (change, words) in doctorings.items():
             doc = json.loads(original)
             change(doc)
             path.write_text(json.dumps(doc))
+            reseal()
             refused = GpuContainer(env, f"place-{name}", nbytes)
             cuda_before = set(vram_mib())
             res, seconds = timed(refused.ctr, *refused.run_args({RESTORE_ANNOTATION: str(images)}), check=False,
@@ -721,6 +730,7 @@ def test_7_gpu_placement_identity_and_refusal(env, results):
             refused.remove()
 
         path.write_text(original)
+        reseal()
         r = GpuContainer(env, "place-identity", nbytes)
         _, restore_s = timed(r.ctr, *r.run_args({RESTORE_ANNOTATION: str(images)}), timeout=240)
         env.containers.append(r)
