@@ -8,7 +8,8 @@ runtime choice uses too). The checkpointed GPUs come from
 ``kybernate-gpu.json`` (written by shim.gpu.lifecycle at checkpoint). The old GPUs are paired with the new ones
 in order, and the restore is:
 
-- identity: the same GPUs (as a set): the driver restores without a GPU map;
+- identity: the same GPUs (as a set): the driver restores without a GPU map; but a
+  ``kybernate.io/gpu-map`` that moves any GPU (a swap of the same GPUs included) is a remap;
 - remap: other GPUs of the same count and model, on a driver whose restore takes GPU pairs (CUDA
   driver API 13.0 or newer): every checkpointed GPU is passed in the map (the driver wants them all);
 - refused, before ``runc restore`` creates anything (FailedPrecondition naming both GPU sets, the
@@ -322,7 +323,10 @@ def decide(container_id: str, record: Mapping, request: Optional[GpuRequest], ho
                          "only onto the same kind of GPU")
         if not old_model or not new_model:
             notes.append(f"model of {old_uuid if not old_model else new_uuid} unknown: not compared")
-    if set(new) == set(ck.gpus):
+    # The same GPUs with no pair asked to move: identity. A kybernate.io/gpu-map that moves a process to
+    # another of the same GPUs (a swap) is a remap: the driver must get the pairs, or nothing moves.
+    moved = explicit_map and any(o != n for o, n in zip(ck.gpus, new))
+    if set(new) == set(ck.gpus) and not moved:
         return Placement("identity", ck.gpus, new, None, target_source, notes)
     if not host.api_version or host.api_version < GPU_REMAP_API_VERSION:
         raise refuse(f"the GPUs differ, and remapping them needs CUDA driver API {_api(GPU_REMAP_API_VERSION)} or "

@@ -160,6 +160,22 @@ def test_explicit_gpu_map_annotation_replaces_the_pairing_and_is_checked():
         gp.decide("c1", record([uuid(0), uuid(1)]), req, h, {uuid(0): uuid(2), uuid(1): uuid(0)})
 
 
+def test_gpu_map_swapping_the_same_gpus_is_a_remap_with_the_pairs():
+    """The same two GPUs, swapped by kybernate.io/gpu-map: a remap (the driver needs the pairs, else
+    nothing moves), logged as one; a map onto themselves stays identity, and a swap on a driver without
+    GPU pairs is refused like any remap."""
+    req = gp.gpu_request(devices_spec(0, 1))
+    swap = {uuid(0): uuid(1), uuid(1): uuid(0)}
+    p = gp.decide("c1", record([uuid(0), uuid(1)]), req, host(2), swap)
+    assert (p.decision, p.gpu_map, p.new) == ("remap", swap, [uuid(1), uuid(0)])
+    assert p.summary().startswith(f"remap ({uuid(0)} -> {uuid(1)}, {uuid(1)} -> {uuid(0)}; target from linux.devices")
+    assert "pairs from annotation kybernate.io/gpu-map" in p.summary()
+    p = gp.decide("c1", record([uuid(0), uuid(1)]), req, host(2), {uuid(0): uuid(0), uuid(1): uuid(1)})
+    assert (p.decision, p.gpu_map) == ("identity", None) and p.summary().startswith("identity (")
+    with pytest.raises(TTRPCError, match="remapping them needs CUDA driver API 13.0"):
+        gp.decide("c1", record([uuid(0), uuid(1)], api=12080), req, host(2, api=12080), swap)
+
+
 def refusal(rec, request, h, explicit=None) -> str:
     with pytest.raises(TTRPCError) as info:
         gp.decide("c7", rec, request, h, explicit)
