@@ -24,7 +24,10 @@ from .harness import (BUSYBOX_REF, KYBERNATE_RUNTIME, RUNC_RUNTIME, Containerd, 
                       mounts_under)
 
 # Counts ten times a second into the rootfs (survives in the rw layer) and to stdout.
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; echo $i; sleep 0.1; done"
+# /tmp/hold (made by `hold_counter`) parks it between writes: a dump then never catches /tmp/count open,
+# which a restore into a fresh rootfs (restore-from) could not reopen ("Can't open file tmp/count").
+COUNTER = ("i=0; while :; do while [ -e /tmp/hold ]; do sleep 0.05; done; "
+           "i=$((i+1)); echo $i > /tmp/count; echo $i; sleep 0.1; done")
 # The same, continuing from a number given in the environment (so a fresh start is recognisable).
 RESTORE_ANNOTATION = "kybernate.io/restore-from"
 EXIT_ANNOTATION = "kybernate.io/checkpoint-exit"
@@ -53,6 +56,20 @@ def run_counter(cd: Containerd, cid: str, runtime: str, *extra: str, log: Path |
     if log is not None:
         args += ["--log-uri", f"file://{log}"]
     cd.ctr(*args, BUSYBOX_REF, cid, "sh", "-c", COUNTER)
+
+
+def hold_counter(cd: Containerd, cid: str, timeout: float = 10.0) -> int:
+    """Park the counter (/tmp/hold in its rootfs) and wait until it stands still; returns its value."""
+    (bundle_dir(cd, cid) / "rootfs" / "tmp" / "hold").touch()
+    deadline = time.monotonic() + timeout
+    last = read_count(cd, cid)
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = read_count(cd, cid)
+        if now == last and now > 0:
+            return now
+        last = now
+    raise AssertionError(f"counter {cid} did not stop at /tmp/hold")
 
 
 def read_count(cd: Containerd, cid: str) -> int:

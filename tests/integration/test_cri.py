@@ -50,7 +50,10 @@ VERSIONS = ("1.7", "2.1")
 HANDLER = "kybernate"
 SHIM_NAME = "containerd-shim-kybernate-v1"
 KYBERNATE = VENV_BIN / "kybernate"
-COUNTER = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"]
+# /tmp/hold parks it between writes, so that a dump never catches /tmp/count open (a restore into a
+# fresh rootfs could not reopen it): see checkpoint_support.hold_counter
+COUNTER = ["sh", "-c", "i=0; while :; do while [ -e /tmp/hold ]; do sleep 0.05; done; "
+                       "i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"]
 
 
 class CriContainerd(Containerd):
@@ -209,6 +212,19 @@ def spec_annotations(cd: Containerd, cid: str) -> dict:
     return info["Spec"].get("annotations", {})
 
 
+def stands_still(read, timeout: float = 10, interval: float = 0.3) -> bool:
+    """True once two reads `interval` apart agree (a parked counter)."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = read()
+        if now == last and now > 0:
+            return True
+        last = now
+    return False
+
+
 def wait_for(predicate, timeout: float = 15, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while True:
@@ -336,6 +352,8 @@ def test_checkpoint_and_restore_through_the_pod_annotation(cri_cd, client):
     cid = client.create(pod_id, sandbox, "counter", COUNTER)
     client.start(cid)
     assert wait_for(lambda: read_count(client, cid) >= 30, 20)
+    client.exec(cid, ["touch", "/tmp/hold"])  # parked between writes: no /tmp/count open in the dump
+    assert stands_still(lambda: read_count(client, cid)), "the counter did not stop at /tmp/hold"
     r = kybernate(cri_cd, "checkpoint", "kybtest/counter/counter", "--exit")
     assert r.returncode == 0, r.stdout + r.stderr
     parent = cri_cd.checkpoint_store / "k8s.io" / "kybtest" / "counter" / "counter"

@@ -273,7 +273,9 @@ def test_doctor_on_this_machine():
 
 
 # ---- the operator command against containerd ids (ctr users) ----------------------------------------
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
+# /tmp/hold parks it between writes (no /tmp/count open in a dump that a restore into a fresh rootfs
+# could not reopen): see checkpoint_support.hold_counter
+COUNTER = "i=0; while :; do while [ -e /tmp/hold ]; do sleep 0.05; done; i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
 
 
 def kyb(cd: Containerd, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -284,6 +286,19 @@ def kyb(cd: Containerd, *args: str, timeout: float = 180) -> subprocess.Complete
 def count(cd: Containerd, cid: str) -> int:
     r = cd.ctr("tasks", "exec", "--exec-id", f"cat-{time.monotonic_ns()}", cid, "cat", "/tmp/count", check=False)
     return int(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else -1
+
+
+def stands_still(read, timeout: float = 10, interval: float = 0.3) -> bool:
+    """True once two reads `interval` apart agree (a parked counter)."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = read()
+        if now == last and now > 0:
+            return True
+        last = now
+    return False
 
 
 def wait_until(pred, timeout: float = 20) -> bool:
@@ -319,6 +334,8 @@ def test_kybernate_checkpoint_and_ps_by_containerd_id(containerd, container_id, 
     assert r.returncode == 1 and "is not an empty directory" in r.stderr, "an existing image is never overwritten"
 
     # by default into the node's checkpoint store, in the container's scope; restore finds the newest there
+    cd.ctr("tasks", "exec", "--exec-id", "hold", container_id, "touch", "/tmp/hold")  # parked: see COUNTER
+    assert stands_still(lambda: count(cd, container_id)), "the counter did not stop at /tmp/hold"
     r = kyb(cd, "checkpoint", container_id, "--exit")
     assert r.returncode == 0, r.stdout + r.stderr
     scope = cd.checkpoint_store / cd.namespace / "_" / container_id

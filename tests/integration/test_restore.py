@@ -17,7 +17,7 @@ import pytest
 
 from .checkpoint_support import (RESTORE_ANNOTATION, api_checkpoint, api_create_task, audit_lines, bundle_dir,
                                  counting_past, leftovers_of, log_counts, mounts_under, read_count, refused_code,
-                                 remove, run_counter, store_image, task_status, wait_until)
+                                 remove, run_counter, store_image, task_status, wait_until, hold_counter)
 from .harness import KYBERNATE_RUNTIME
 
 
@@ -31,6 +31,7 @@ def counter_image(containerd, container_id, tmp_path):
     run_counter(cd, src, KYBERNATE_RUNTIME, log=log)
     try:
         assert counting_past(cd, src, 3) is not None
+        hold_counter(cd, src)  # parked between writes: no /tmp/count open in the dump
         image, name = store_image(cd, src)
         api_checkpoint(cd, src, image_path=str(image), exit=True)
         assert wait_until(lambda: task_status(cd, src) == "STOPPED", 10)
