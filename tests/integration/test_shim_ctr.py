@@ -132,9 +132,18 @@ def run_in_pty(cmd: list[str], env: dict, timeout: float = 30) -> tuple[int, str
     return rc, out.decode(errors="replace")
 
 
-def side_by_side(observe) -> dict:
-    """observe(runtime) for both runtimes; asserts they saw the same and returns kybernate's view."""
+def side_by_side(observe, reference_tries: int = 3) -> dict:
+    """observe(runtime) for both runtimes; asserts they saw the same and returns kybernate's view.
+
+    The reference (runc-v2) now and then loses the output of a short-lived `ctr run --rm` (its stdout or
+    stderr lines missing, exit code right: seen on 1.6 and 1.7, and counted in test_soak.py): where the
+    two differ, runc-v2 alone is observed again, up to `reference_tries` times in all. Kybernate is
+    observed once and must match; its own view is also checked against fixed values by the callers."""
     seen = {rt: observe(rt) for rt in RUNTIMES}
+    for _ in range(reference_tries - 1):
+        if seen[KYBERNATE_RUNTIME] == seen[RUNC_RUNTIME]:
+            break
+        seen[RUNC_RUNTIME] = observe(RUNC_RUNTIME)
     assert seen[KYBERNATE_RUNTIME] == seen[RUNC_RUNTIME], seen
     return seen[KYBERNATE_RUNTIME]
 
