@@ -154,6 +154,11 @@ def api_checkpoint(cd: Containerd, cid: str, timeout: float = 120, **fields) -> 
     Raises grpc.RpcError on failure."""
     from kybernate.containerd_api import Containerd as Api
 
+    if fields.get("exit"):  # an image to restore elsewhere: a COUNTER parks first (see COUNTER); others run on
+        try:
+            hold_counter(cd, cid, timeout=3.0)
+        except AssertionError:
+            pass
     with Api(cd.address) as api:
         api.checkpoint(cd.namespace, cid, checkpoint_options(**fields), timeout=timeout)
 

@@ -377,9 +377,11 @@ def test_a_half_image_left_by_a_killed_shim_is_listed_and_skipped(containerd, co
 
     cd = containerd
     hold = ("x=$(head -c 200000000 /dev/zero | tr '\\0' a); i=0; "
-            "while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done")
+            "while :; do while [ -e /tmp/hold ]; do sleep 0.05; done; i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done")
     cd.ctr("run", "-d", "--runtime", "io.containerd.kybernate.v1", BUSYBOX_REF, container_id, "sh", "-c", hold)
     assert wait_until(lambda: count(cd, container_id) > 2, 60), "the container never started counting"
+    cd.ctr("tasks", "exec", "--exec-id", "hold", container_id, "touch", "/tmp/hold")  # parked: see COUNTER
+    assert stands_still(lambda: count(cd, container_id)), "the counter did not stop at /tmp/hold"
     r = kyb(cd, "checkpoint", container_id)  # a complete one first, leave running
     assert r.returncode == 0, r.stdout + r.stderr
     scope = cd.checkpoint_store / cd.namespace / "_" / container_id
