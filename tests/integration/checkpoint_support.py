@@ -58,18 +58,25 @@ def run_counter(cd: Containerd, cid: str, runtime: str, *extra: str, log: Path |
     cd.ctr(*args, BUSYBOX_REF, cid, "sh", "-c", COUNTER)
 
 
+def stands_still(read: Callable[[], int], timeout: float = 10.0, interval: float = 0.3) -> bool:
+    """True once two reads `interval` apart agree on a positive count (a parked counter)."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = read()
+        if now == last and now > 0:
+            return True
+        last = now
+    return False
+
+
 def hold_counter(cd: Containerd, cid: str, timeout: float = 10.0) -> int:
     """Park the counter (/tmp/hold in its rootfs) and wait until it stands still; returns its value."""
     (bundle_dir(cd, cid) / "rootfs" / "tmp" / "hold").touch()
-    deadline = time.monotonic() + timeout
-    last = read_count(cd, cid)
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        now = read_count(cd, cid)
-        if now == last and now > 0:
-            return now
-        last = now
-    raise AssertionError(f"counter {cid} did not stop at /tmp/hold")
+    if not stands_still(lambda: read_count(cd, cid), timeout):
+        raise AssertionError(f"counter {cid} did not stop at /tmp/hold")
+    return read_count(cd, cid)
 
 
 def read_count(cd: Containerd, cid: str) -> int:

@@ -38,6 +38,7 @@ from proto.k8s.cri.runtime.v1 import api_pb2 as cri
 from proto.k8s.cri.runtime.v1 import api_pb2_grpc as cri_grpc
 
 from .harness import BUSYBOX_REF, PAUSE_REF, VENV_BIN, Containerd, unavailable_reason
+from .checkpoint_support import stands_still
 from .images import build_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -210,19 +211,6 @@ def task_pid(cd: Containerd, cid: str) -> int:
 def spec_annotations(cd: Containerd, cid: str) -> dict:
     info = json.loads(cd.ctr("containers", "info", cid, namespace="k8s.io").stdout)
     return info["Spec"].get("annotations", {})
-
-
-def stands_still(read, timeout: float = 10, interval: float = 0.3) -> bool:
-    """True once two reads `interval` apart agree (a parked counter)."""
-    deadline = time.monotonic() + timeout
-    last = read()
-    while time.monotonic() < deadline:
-        time.sleep(interval)
-        now = read()
-        if now == last and now > 0:
-            return True
-        last = now
-    return False
 
 
 def wait_for(predicate, timeout: float = 15, interval: float = 0.1):

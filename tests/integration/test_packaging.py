@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from .checkpoint_support import stands_still
 from .harness import BUSYBOX_REF, KYBERNATE_RUNTIME, VENV_BIN, Containerd, installation, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[2]
@@ -286,19 +287,6 @@ def kyb(cd: Containerd, *args: str, timeout: float = 180) -> subprocess.Complete
 def count(cd: Containerd, cid: str) -> int:
     r = cd.ctr("tasks", "exec", "--exec-id", f"cat-{time.monotonic_ns()}", cid, "cat", "/tmp/count", check=False)
     return int(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else -1
-
-
-def stands_still(read, timeout: float = 10, interval: float = 0.3) -> bool:
-    """True once two reads `interval` apart agree (a parked counter)."""
-    deadline = time.monotonic() + timeout
-    last = read()
-    while time.monotonic() < deadline:
-        time.sleep(interval)
-        now = read()
-        if now == last and now > 0:
-            return True
-        last = now
-    return False
 
 
 def wait_until(pred, timeout: float = 20) -> bool:
