@@ -35,6 +35,7 @@ from ttrpc.errors import TTRPCError
 from shim.bundle import INIT_PID_FILE
 from shim.checkpoint import seal
 from shim.checkpoint.layer import LifecycleLayer, TaskHandle
+from shim.checkpoint.profile import StageProfile
 from shim.checkpoint.settings import (RESTORE_FIELDS, CheckpointSettings, containerd_checkpoint_source, image_problem,
                                       prepare_bundle, recorded_options, write_note)
 from shim.policy import store, untrusted
@@ -46,7 +47,8 @@ log = logging.getLogger("kybernate.shim")
 
 
 async def prepare_create(req, spec: dict, options: Any, bundle: str, node: Optional[NodeConfig] = None,
-                         namespace: str = "") -> tuple[CheckpointSettings, str]:
+                         namespace: str = "", profile: Optional[StageProfile] = None
+                         ) -> tuple[CheckpointSettings, str]:
     """At Create, before anything is mounted or created: (the container's checkpoint settings, the
     checked image dir to restore from or ""). Raises TTRPCError (InvalidArgument, PermissionDenied,
     FailedPrecondition) for bad annotations or a bad image, so that a refused restore leaves nothing
@@ -62,12 +64,15 @@ async def prepare_create(req, spec: dict, options: Any, bundle: str, node: Optio
             raise TTRPCError(Code.FAILED_PRECONDITION, f"create container {cid}: {exc}") from exc
     settings = CheckpointSettings.from_pod(untrusted.checkpoint_settings(spec, node, cid, namespace), options)
     verify = functools.partial(seal.check_restore, node=node, container_id=cid, namespace=namespace, spec=spec)
+    profile = profile if profile is not None else StageProfile("restore", cid)
     if req.checkpoint:   # containerd's own (a trusted client's): wins over what the spec asks
-        source = await asyncio.to_thread(containerd_checkpoint_source, req.checkpoint, settings, node, cid,
-                                         namespace, verify)
+        with profile.stage("create.resolve+seal"):
+            source = await asyncio.to_thread(containerd_checkpoint_source, req.checkpoint, settings, node, cid,
+                                             namespace, verify)
     elif _asks_for_restore(spec):
-        source = await asyncio.to_thread(untrusted.pod_restore_source, spec, settings.scope, node, cid, namespace,
-                                         image_problem, verify)
+        with profile.stage("create.resolve+seal"):
+            source = await asyncio.to_thread(untrusted.pod_restore_source, spec, settings.scope, node, cid,
+                                             namespace, image_problem, verify)
     else:
         source = None
     settings = dataclasses.replace(settings, restore=source)
@@ -152,6 +157,14 @@ def _runtime_failure(what: str, exc: RuntimeCommandError, detail: str) -> TTRPCE
     return TTRPCError(code, f"{what}: {exc.message or exc}; {detail}")
 
 
+def _criu_numbers(action: str, work_path: str) -> dict:
+    """CRIU's own split of a dump or restore (`criu.stats`), read before a scratch work dir goes.
+    Blocking: call in a thread."""
+    from criu.stats import summary
+
+    return summary(action, work_path, os.path.join(work_path, f"{action}.log"))
+
+
 async def _remove_scratch(path: str, container_id: str) -> None:
     """CRIU's scratch work dir, unmounted first and never walked into a mount (off the event loop)."""
     from shim.runtime.mount import remove_tree
@@ -233,14 +246,19 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
                          f"checkpoint container {cid}: cannot create {exc.filename}: {exc.strerror}") from exc
     log.info("container %s: checkpoint to %s (leave running: %s)", cid, plan.image_path, plan.keeps_running)
     started = time.monotonic()
+    profile = StageProfile("checkpoint", cid)
     try:
-        await layer.before_checkpoint(task, plan.image_path, plan.keeps_running, was_paused)
+        with profile.stage(f"{layer.name}.before"):
+            await layer.before_checkpoint(task, plan.image_path, plan.keeps_running, was_paused)
         try:
-            await task.runtime.run_args("checkpoint", plan.args())
+            with profile.stage("runc.checkpoint"):
+                await task.runtime.run_args("checkpoint", plan.args())
         except BaseException as exc:
             await layer.after_checkpoint(task, plan.image_path, plan.keeps_running, was_paused, exc)
             raise
-        await layer.after_checkpoint(task, plan.image_path, plan.keeps_running, was_paused, None)
+        with profile.stage(f"{layer.name}.after"):
+            await layer.after_checkpoint(task, plan.image_path, plan.keeps_running, was_paused, None)
+        profile.add_criu(await asyncio.to_thread(_criu_numbers, "dump", plan.work_path))
     except BaseException as exc:
         detail = ""
         if isinstance(exc, RuntimeCommandError):
@@ -263,8 +281,10 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
               "options": {f: getattr(plan, f) for f in ("open_tcp", "external_unix_sockets", "terminal",
                                                          "file_locks", "cgroups_mode")}}
     record["options"]["empty_namespaces"] = list(plan.empty_namespaces)
+    record["profile"] = profile.as_dict()  # up to here: the seal and its marker come after
     clear_in_progress(plan.image_path)
-    await asyncio.to_thread(mark_complete, plan.image_path, record)  # an fsync walk: off the event loop
+    with profile.stage("complete"):
+        await asyncio.to_thread(mark_complete, plan.image_path, record)  # an fsync walk: off the event loop
     if request.path:
         # containerd stores request.path as a blob (1.6/1.7 refuse the same blob twice); our note makes
         # each one distinct and tells a restore from containerd's copy where the image is
@@ -275,13 +295,16 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
             log.warning("container %s: cannot write the checkpoint note into %s: %s", cid, request.path, exc)
     # last: covers every file, the completion marker and a note (the in-progress marker is gone); in a
     # thread, as it reads the whole image
-    await asyncio.to_thread(seal.seal_checkpoint, task, plan.image_path, seal_key)
+    with profile.stage("seal"):
+        await asyncio.to_thread(seal.seal_checkpoint, task, plan.image_path, seal_key)
     log.info("container %s: checkpoint to %s done in %.3fs", cid, plan.image_path, elapsed)
+    log.info("%s", profile.line())
     return plan.image_path
 
 
 async def restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings: CheckpointSettings, *,
-                  stdio: Any, console_socket: Optional[str], terminal: bool, no_pivot: bool) -> int:
+                  stdio: Any, console_socket: Optional[str], terminal: bool, no_pivot: bool,
+                  profile: Optional[StageProfile] = None) -> int:
     """Start of a container created from a checkpoint: the layer's before_restore (GPU placement:
     decided before anything is created), then ``runc restore --detach`` with the new task's IO (its
     pipes become the restored process's stdio; a terminal task gets the console socket). Returns the
@@ -297,18 +320,21 @@ async def restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings:
             log.info("container %s: restore from %s (%s), read through %s", cid, source.path, source.origin,
                      store.fd_path(image_fd))
         return await _restore(task, layer, store.fd_path(image_fd) if image_fd >= 0 else image, settings,
-                              stdio=stdio, console_socket=console_socket, terminal=terminal, no_pivot=no_pivot)
+                              stdio=stdio, console_socket=console_socket, terminal=terminal, no_pivot=no_pivot,
+                              profile=profile if profile is not None else StageProfile("restore", cid))
     finally:
         if image_fd >= 0:
             os.close(image_fd)
 
 
 async def _restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings: CheckpointSettings, *,
-                   stdio: Any, console_socket: Optional[str], terminal: bool, no_pivot: bool) -> int:
+                   stdio: Any, console_socket: Optional[str], terminal: bool, no_pivot: bool,
+                   profile: StageProfile) -> int:
     from criu.plans import RestorePlan
 
     cid = task.id
-    await layer.before_restore(task, image)
+    with profile.stage(f"{layer.name}.before"):
+        await layer.before_restore(task, image)
     recorded = recorded_options(image)
     # what CRIU needs again on restore: as the checkpoint had it, or as this container asks
     flags = {f: bool(recorded.get(f)) or bool(settings.annotated.get(f)) for f in RESTORE_FIELDS}
@@ -330,10 +356,12 @@ async def _restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings
         log.info("container %s: restore from %s (%s; layer %s)", cid, image,
                  ", ".join(f for f, on in flags.items() if on) or "no extra CRIU options", layer.name)
         try:
-            await task.runtime.run_args("restore", plan.args(), stdio=stdio, capture=False)
+            with profile.stage("runc.restore"):
+                await task.runtime.run_args("restore", plan.args(), stdio=stdio, capture=False)
         except RuntimeCommandError as exc:
             detail = await asyncio.to_thread(_failure_detail, "restore", plan.work_path, image, task.bundle)
             raise _runtime_failure(f"restore container {cid}", exc, detail) from exc
+        profile.add_criu(await asyncio.to_thread(_criu_numbers, "restore", plan.work_path))
         return read_pid_file(pid_file)
     finally:
         if scratch:

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import signal as _signal
-from typing import Any
+from typing import Any, Optional
 
 from fsutil.atomic import atomic_write
 from ttrpc.codes import Code
@@ -24,6 +24,7 @@ from ttrpc.errors import TTRPCError
 
 from shim.checkpoint import seam
 from shim.checkpoint.layer import LifecycleLayer, PlainLayer, TaskHandle, describe_layers
+from shim.checkpoint.profile import StageProfile
 from shim.checkpoint.settings import CheckpointSettings
 from shim.gpu import lifecycle as gpu_lifecycle
 from shim.policy.node import NodeConfig, NodeConfigError
@@ -103,6 +104,7 @@ class Container:
         self.oom_watcher = None
         self.checkpoint_settings = CheckpointSettings({}, None)  # set by create (annotations, options)
         self.parent_checkpoint: str = ""
+        self.restore_profile: Optional[StageProfile] = None  # a container created from a checkpoint
         self.own_pid_namespace = _uses_pid_namespace(spec)
         self.layer: LifecycleLayer = layer or PlainLayer()
         self.handle = TaskHandle(container_id, namespace, bundle, spec, runtime, self._init_pid)
@@ -145,7 +147,8 @@ class Container:
                               "criu_path": options.criu_path, "reason": choice.reason, "options": options.source})
 
         # checkpoint settings, restore source (checked), CRIU config: before anything is created
-        settings, restore_image = await seam.prepare_create(req, spec, options, bundle, node, namespace)
+        profile = StageProfile("restore", cid)  # kept only for a restore: where its time went
+        settings, restore_image = await seam.prepare_create(req, spec, options, bundle, node, namespace, profile)
         # the layer stack, once: a malformed GPU annotation refuses the Create here
         layer = gpu_lifecycle.stack(PlainLayer(), cid, spec, has_gpus=choice.gpu, restore_image=restore_image,
                                     libcuda=node.libcuda, granted=choice.request)
@@ -164,6 +167,7 @@ class Container:
 
         c = cls(cid, bundle, namespace, runtime, choice, spec, rootfs if mounted else "", options, reaper, layer)
         c.checkpoint_settings = settings
+        c.restore_profile = profile if restore_image else None
         paths = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
         # created from a checkpoint: nothing in the runtime until Start restores it (`restore_init`)
         init = InitProcess(cid, cid, paths, restore_from=restore_image)
@@ -209,13 +213,18 @@ class Container:
         try:
             if sock is None:
                 init.io = await self._make_io(init)
+            profile = self.restore_profile or StageProfile("restore", self.id)
             pid = await seam.restore(self.handle, self.layer, image_dir, self.checkpoint_settings,
                                      stdio=init.io.child if init.io else None,
                                      console_socket=sock.path if sock else None,
-                                     terminal=init.paths.terminal, no_pivot=self.options.no_pivot_root)
-            await self._attach_io(init, sock)
+                                     terminal=init.paths.terminal, no_pivot=self.options.no_pivot_root,
+                                     profile=profile)
+            with profile.stage("io.attach"):
+                await self._attach_io(init, sock)
             init.pid = pid
-            await self.layer.after_restore(self.handle, image_dir)
+            with profile.stage(f"{self.layer.name}.after"):
+                await self.layer.after_restore(self.handle, image_dir)
+            log.info("%s", profile.line())
         except BaseException:
             await self._undo_restore()
             raise
