@@ -79,11 +79,11 @@ def restore_profile_from_log(cd, cid: str) -> dict:
     return {"total_s": total, "stages": [s for s in stages if s["stage"] != "total"], "criu": criu_numbers}
 
 
-def ours(env, nbytes: int, n: int) -> dict:
+def ours(env, nbytes: int, n: int, where: Path = SCRATCH) -> dict:
     label = f"{nbytes // GiB}g{n}"
     c = GpuContainer(env, f"prof-{label}", nbytes).start()
     before = ticks(c)
-    images = SCRATCH / f"kyb-prof-{label}"
+    images = where / f"kyb-prof-{label}"
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir(parents=True)
     out: dict = {"kind": "ours", "gib": nbytes // GiB}
@@ -129,8 +129,8 @@ def big_vma_flags(pid: int, min_bytes: int = 64 * MiB) -> dict:
             "paths": sorted({v["path"] for v in big})[:5]}
 
 
-def bare(env, nbytes: int, criu: str, label: str) -> dict:
-    images = SCRATCH / f"kyb-bare-{label}"
+def bare(env, nbytes: int, criu: str, label: str, where: Path = SCRATCH) -> dict:
+    images = where / f"kyb-bare-{label}"
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir(parents=True)
     status = SCRATCH / f"kyb-bare-status-{label}"
@@ -175,29 +175,75 @@ def bare(env, nbytes: int, criu: str, label: str) -> dict:
     return out
 
 
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """Where the images go and how memory is set up, for one experiment: "shm" (images in /dev/shm,
+    the node as it is), "hugetmpfs" (images on a tmpfs mounted huge=always), "thp" (transparent huge
+    pages set to always for the run; put back after)."""
+    if name == "shm":
+        yield SCRATCH
+    elif name == "hugetmpfs":
+        where = SCRATCH / "kyb-huge"
+        where.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=always,mode=0700", "kyb-huge", str(where)], check=True)
+        try:
+            yield where
+        finally:
+            subprocess.run(["umount", "-l", str(where)], check=False)
+            with contextlib.suppress(OSError):
+                where.rmdir()
+    elif name == "thp":
+        before = re.search(r"\[(\w+)\]", _read(str(THP)))
+        THP.write_text("always")
+        try:
+            yield SCRATCH
+        finally:
+            THP.write_text(before[1] if before else "madvise")
+    else:
+        raise ValueError(f"unknown variant {name}")
+
+
+def _label(criu: str) -> str:
+    """Which CRIU a bare run used, as the device script named it (KYB_CRIU_LABELS: path=label;...)."""
+    labels = dict(item.split("=", 1) for item in os.environ.get("KYB_CRIU_LABELS", "").split(";") if "=" in item)
+    return labels.get(criu, criu)
+
+
 def test_profile(env):
     if not env.workload or not os.access(env.workload, os.X_OK):
         pytest.skip("no bare workload binary ($KYB_GPU_WORKLOAD)")
-    REPORT["setup"] = {"criu": env.criu, "criu_alt": os.environ.get("KYB_CRIU_ALT", ""),
-                       "scratch": str(SCRATCH), "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+    alt = os.environ.get("KYB_CRIU_ALT", "")
+    REPORT["setup"] = {"criu": _label(env.criu), "criu_alt": _label(alt) if alt else "",
+                       "scratch": str(SCRATCH), "thp": _read(str(THP)),
                        "thp_defrag": _read("/sys/kernel/mm/transparent_hugepage/defrag"),
                        "cpus": os.cpu_count(), "kernel": os.uname().release}
-    alt = os.environ.get("KYB_CRIU_ALT", "")
-    for nbytes in (g * GiB for g in SIZES):
+    extra = [x.partition(":") for x in os.environ.get("KYB_PROFILE_EXTRA", "").split(",") if x]
+    plan = [("shm", g) for g in SIZES] + [(v, int(g)) for v, _, g in extra]
+    for name, gib in plan:
+        nbytes = gib * GiB
         for n in range(REPEATS):
-            for run in (lambda: ours(env, nbytes, n), lambda: bare(env, nbytes, env.criu, f"{nbytes // GiB}g{n}"),
-                        (lambda: bare(env, nbytes, alt, f"{nbytes // GiB}g{n}-alt")) if alt else None):
-                if run is None:
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    REPORT["runs"].append(run())
-                except Exception as exc:
-                    REPORT["runs"].append({"error": f"{type(exc).__name__}: {exc}"[:2000],
-                                           "gib": nbytes // GiB, "seconds": round(time.perf_counter() - t0, 2)})
+            with variant(name) as where:
+                tag = f"{gib}g{n}-{name}"
+                runs = [lambda: ours(env, nbytes, n, where), lambda: bare(env, nbytes, env.criu, tag, where)]
+                if alt:
+                    runs.append(lambda: bare(env, nbytes, alt, tag + "-alt", where))
+                for run in runs:
+                    t0 = time.perf_counter()
+                    try:
+                        result = run()
+                    except Exception as exc:
+                        REPORT["runs"].append({"error": f"{type(exc).__name__}: {exc}"[:2000], "variant": name,
+                                               "gib": gib, "seconds": round(time.perf_counter() - t0, 2)})
+                        _save()
+                        raise
+                    result["variant"] = name
+                    if result["kind"] == "bare":
+                        result["criu_label"] = _label(result["criu"])
+                    REPORT["runs"].append(result)
                     _save()
-                    raise
-                _save()
 
 
 def _read(path: str) -> str:
@@ -231,14 +277,15 @@ def render(report: dict) -> str:
              "", f"setup: `{json.dumps(report.get('setup', {}))}`", "",
              "| run | GiB | checkpoint s | restore s | stages (s) | CRIU (s) |", "| --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:
+        v = f" [{r.get('variant', 'shm')}]"
         if "error" in r:
-            lines.append(f"| error | {r.get('gib')} | | | {r['error'][:300]} | |")
+            lines.append(f"| error{v} | {r.get('gib')} | | | {r['error'][:300]} | |")
         elif r["kind"] == "ours":
             cp, rp = r.get("checkpoint_profile") or {}, r.get("restore_profile") or {}
-            lines.append(f"| ours checkpoint | {r['gib']} | {r['checkpoint_s']} | | {_stages(cp)} | {_criu(cp.get('criu'))} |")
-            lines.append(f"| ours restore | {r['gib']} | | {r['restore_s']} | {_stages(rp)} | {_criu(rp.get('criu'))} |")
+            lines.append(f"| ours checkpoint{v} | {r['gib']} | {r['checkpoint_s']} | | {_stages(cp)} | {_criu(cp.get('criu'))} |")
+            lines.append(f"| ours restore{v} | {r['gib']} | | {r['restore_s']} | {_stages(rp)} | {_criu(rp.get('criu'))} |")
         else:
-            name = "bare" + (" (alt CRIU)" if r["criu"] == report.get("setup", {}).get("criu_alt") else "")
+            name = f"bare, {r.get('criu_label', r['criu'])}{v}"
             lines.append(f"| {name} | {r['gib']} | {r['checkpoint_s']} | {r['restore_s']} | suspend {r['suspend_s']:.2f}, "
                          f"dump {r['criu_dump_s']:.2f}, restore {r['criu_restore_s']:.2f}, resume {r['resume_s']:.2f} | "
                          f"dump: {_criu(r.get('criu_dump'))}; restore: {_criu(r.get('criu_restore'))} |")

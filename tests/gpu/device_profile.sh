@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's profile run for issue 15, from the repository root, in under 9 minutes:
 #   run(command="OUT=$OUT bash tests/gpu/device_profile.sh", carry=[".gpu-bundle"], timeout_s=590)
-# 1. bench/page_read_probe.c: how fast private memory fills from an image in /dev/shm, the ways a
+# 1. (KYB_SKIP_PROBE=0) bench/page_read_probe.c: how fast private memory fills from an image in /dev/shm, the ways a
 #    restorer could do it (page_read_probe.jsonl).
 # 2. bench/gpu_profile.py: stage profile of checkpoint and restore of GPU containers (sizes in
 #    KYB_PROFILE_GIB, default 2,8) next to the bare driver + CRIU sequence (gpu_profile.json/.md);
@@ -17,9 +17,24 @@ elapsed() { echo $(( $(date +%s) - START )); }
 cat "$OUT/setup.log"
 if [ "${KYB_SETUP_OK:-0}" != 1 ]; then echo "setup failed after $(elapsed)s"; exit 1; fi
 echo "setup done in $(elapsed)s"
-if [ -z "${KYB_CRIU_ALT:-}" ] && [ -x /opt/kyb/criu-alt/criu ]; then export KYB_CRIU_ALT=/opt/kyb/criu-alt/criu; fi
+# .gpu-bundle/criu-alt/criu.real: a CRIU built with scripts/criu-patches (parallel page read) where the
+# bundle's own predates it. KYB_SHIM_CRIU=alt (default) gives it to the shim and keeps the bundle's as
+# KYB_CRIU_ALT for the bare comparison; KYB_SHIM_CRIU=bundle the other way round.
+if [ -x .gpu-bundle/criu-alt/criu.real ]; then
+  printf '#!/bin/sh\nLD_LIBRARY_PATH=/opt/kyb/lib exec %s "$@"\n' "$PWD/.gpu-bundle/criu-alt/criu.real" > /opt/kyb/bin/criu-patched
+  chmod +x /opt/kyb/bin/criu-patched
+  if [ "${KYB_SHIM_CRIU:-alt}" = alt ]; then
+    ln -sf /opt/kyb/bin/criu-patched /usr/local/sbin/criu
+    export KYB_CRIU_ALT=/opt/kyb/bin/criu
+    shim_label="CRIU 4.1.1 + parallel page read"
+  else
+    export KYB_CRIU_ALT=/opt/kyb/bin/criu-patched
+    shim_label="CRIU 4.1.1"
+  fi
+  export KYB_CRIU_LABELS="/usr/local/sbin/criu=$shim_label;/opt/kyb/bin/criu=CRIU 4.1.1;/opt/kyb/bin/criu-patched=CRIU 4.1.1 + parallel page read"
+fi
 
-if [ "${KYB_SKIP_PROBE:-0}" != 1 ] && cc -O2 -pthread -o /tmp/page_read_probe bench/page_read_probe.c 2>"$OUT/probe-build.log"; then
+if [ "${KYB_SKIP_PROBE:-1}" != 1 ] && cc -O2 -pthread -o /tmp/page_read_probe bench/page_read_probe.c 2>"$OUT/probe-build.log"; then
   probe() { /tmp/page_read_probe /dev/shm/kyb-probe.img "$@"; }
   {
     head -c $((2048 << 20)) /dev/urandom > /dev/shm/kyb-probe.img
