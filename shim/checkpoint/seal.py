@@ -50,7 +50,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+
+if TYPE_CHECKING:
+    from shim.checkpoint.witness import WitnessDir
 
 log = logging.getLogger("kybernate.shim")
 
@@ -102,6 +105,7 @@ class Verified:
     bytes: int
     seconds: float
     driver_version: Optional[int]
+    witnessed: bool = False  # the content hashing was replaced by this node's witness (shim.checkpoint.witness)
 
 
 # ---- the key ---------------------------------------------------------------------------------------
@@ -352,9 +356,11 @@ def _driver_version(dir_fd: int) -> Optional[int]:
 
 
 # ---- seal ------------------------------------------------------------------------------------------
-def seal(image_dir: str, key: bytes, identity: Mapping[str, str], *, threads: Optional[int] = None) -> str:
+def seal(image_dir: str, key: bytes, identity: Mapping[str, str], *, threads: Optional[int] = None,
+         witness: Optional["WitnessDir"] = None) -> str:
     """Write the image's manifest (atomically, mode 0600); returns its path. Every entry of the dir
-    must be a regular file (a CRIU dump has nothing else); an old manifest is replaced."""
+    must be a regular file (a CRIU dump has nothing else); an old manifest is replaced. With a
+    `witness` dir, the files just hashed are noted there (shim.checkpoint.witness)."""
     started = time.monotonic()
     dir_fd = _open_dir(image_dir)
     try:
@@ -378,6 +384,8 @@ def seal(image_dir: str, key: bytes, identity: Mapping[str, str], *, threads: Op
         doc = {"format": MANIFEST_FORMAT, "mac": f"{MAC_ALGORITHM}:{_mac(key, body)}", "key_id": key_id(key),
                "body": body}
         _write_atomic(dir_fd, MANIFEST_NAME, json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n")
+        if witness is not None:
+            witness.record(doc["mac"], dir_fd, listing)
     finally:
         os.close(dir_fd)
     log.debug("sealed %s: %d files in %.3fs", image_dir, len(entries), time.monotonic() - started)
@@ -448,10 +456,12 @@ def _checked_body(image_dir: str, body: Mapping) -> tuple[dict, dict]:
 
 
 def verify(image_dir: str, key: bytes, expected_identity: Mapping[str, str], *,
-           threads: Optional[int] = None) -> Verified:
+           threads: Optional[int] = None, witness: Optional["WitnessDir"] = None) -> Verified:
     """Check the image against its seal; returns what it says, or raises SealError naming the first
     bad file. Order: the MAC, the scope, the directory (nothing added, missing, linked or resized:
-    no file content read), then every piece of every file in parallel."""
+    no file content read), then every piece of every file in parallel, unless this node's `witness`
+    vouches that every file is the inode it hashed before, unchanged since (shim.checkpoint.witness);
+    a full verification leaves such a witness for the next restore."""
     started = time.monotonic()
     dir_fd = _open_dir(image_dir)
     try:
@@ -491,16 +501,21 @@ def verify(image_dir: str, key: bytes, expected_identity: Mapping[str, str], *,
                 raise SealError(image_dir, name, f"is {st.st_size} bytes, sealed with {sealed['size']} ({how})",
                                 how)
             entries.append(_Entry(name, st.st_size, st.st_dev, st.st_ino))
-        _, bad = _hash_all(dir_fd, entries, threads, {n: files[n][DIGEST_ALGORITHM] for n in files})
-        if bad:
-            name, _offset, why = bad[0]
-            raise SealError(image_dir, name, why, "content")
+        witnessed = witness is not None and witness.vouches(mac, dir_fd, listing)
+        if not witnessed:
+            _, bad = _hash_all(dir_fd, entries, threads, {n: files[n][DIGEST_ALGORITHM] for n in files})
+            if bad:
+                name, _offset, why = bad[0]
+                raise SealError(image_dir, name, why, "content")
+            if witness is not None:
+                witness.record(mac, dir_fd, listing)
     finally:
         os.close(dir_fd)
     driver = body.get("driver_version")
     return Verified(identity={k: str(v) for k, v in identity.items()}, files=len(entries),
                     bytes=sum(e.size for e in entries), seconds=time.monotonic() - started,
-                    driver_version=driver if isinstance(driver, int) and not isinstance(driver, bool) else None)
+                    driver_version=driver if isinstance(driver, int) and not isinstance(driver, bool) else None,
+                    witnessed=witnessed)
 
 
 # ---- the shim's policy -----------------------------------------------------------------------------
@@ -551,9 +566,13 @@ def seal_checkpoint(task: Any, image_dir: str, key: Optional[bytes]) -> str:
     from ttrpc.codes import Code
     from ttrpc.errors import TTRPCError
 
+    from shim.checkpoint.witness import WitnessDir
+
     started = time.monotonic()
+    node = _node("checkpoint", task.id)
     try:
-        path = seal(image_dir, key, identity_of(task.namespace, task.spec, task.id))
+        path = seal(image_dir, key, identity_of(task.namespace, task.spec, task.id),
+                    witness=WitnessDir(node.seal_witness_dir) if node.seal_witness_dir else None)
     except (SealError, OSError, ValueError) as exc:
         raise TTRPCError(Code.INTERNAL, f"checkpoint container {task.id}: the image in {image_dir} is complete "
                                         f"but cannot be sealed: {exc}") from exc
@@ -599,11 +618,16 @@ def check_restore(image_dir: str, shown: str, key: str, value: str, *, node: Any
         log.warning("container %s: restore from %s unverified: %s (require_seal = false)", container_id,
                     shown, why)
         return
+    from shim.checkpoint.witness import WitnessDir
+
     try:
-        verified = verify(image_dir, secret, expected)
+        verified = verify(image_dir, secret, expected,
+                          witness=WitnessDir(node.seal_witness_dir) if node.seal_witness_dir else None)
     except SealError as exc:
         raise refuse(Code.PERMISSION_DENIED, container_id, key, value,
                      f"{exc.file}: {exc.why.replace(image_dir, shown)}; refused before CRIU reads the image",
                      action="restore", namespace=namespace, detail=f"image {shown}") from exc
-    log.info("container %s: seal of %s verified (%d files, %d bytes, sealed for %s) in %.3fs", container_id,
-             shown, verified.files, verified.bytes, describe_scope(verified.identity), verified.seconds)
+    log.info("container %s: seal of %s verified (%d files, %d bytes, sealed for %s%s) in %.3fs", container_id,
+             shown, verified.files, verified.bytes, describe_scope(verified.identity),
+             "; content unchanged since this node hashed it (seal witness)" if verified.witnessed else "",
+             verified.seconds)

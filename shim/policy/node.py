@@ -16,6 +16,8 @@ since it widens what pods may reach.
     accept_restore_from_env = false            # RESTORE_FROM in an image's env restores (off: ignored)
     seal_key_file = "/etc/kybernate/seal.key"  # key that authenticates checkpoint manifests
     require_seal = true                        # refuse unsealed images (restore-from, CRI)
+    seal_witness_dir = "/run/kybernate/sealed" # root-only; lets a restore skip re-hashing files this node
+                                               # hashed, unchanged since ("" = hash every byte every time)
     [criu]
     plugin_dir = ""                            # CRIU plugins ("" = none: CRIU's built-in default)
     checkpoint_timeout_s = 600                 # deadline of one runc checkpoint (CRIU dump)
@@ -41,6 +43,7 @@ CONFIG_ENV = "KYBERNATE_CONFIG"
 DEFAULT_CONFIG = "/etc/kybernate/config.toml"
 DEFAULT_STORE = "/var/lib/kybernate/checkpoints"
 DEFAULT_SEAL_KEY = "/etc/kybernate/seal.key"
+DEFAULT_SEAL_WITNESS_DIR = "/run/kybernate/sealed"
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -55,6 +58,7 @@ class NodeConfig:
     accept_restore_from_env: bool = False
     seal_key_file: str = DEFAULT_SEAL_KEY
     require_seal: bool = True
+    seal_witness_dir: str = DEFAULT_SEAL_WITNESS_DIR
     criu_plugin_dir: str = ""
     checkpoint_timeout_s: float = 600.0
     restore_timeout_s: float = 600.0
@@ -89,7 +93,7 @@ class NodeConfig:
         for name in ("checkpoint_store", "seal_key_file"):
             if not os.path.isabs(getattr(self, name)):
                 raise NodeConfigError(f"node config {self.source}: {name}={getattr(self, name)!r} is not absolute")
-        for name in ("criu_plugin_dir", "libcuda"):
+        for name in ("criu_plugin_dir", "libcuda", "seal_witness_dir"):
             value = getattr(self, name)
             if value and not os.path.isabs(value):
                 raise NodeConfigError(f"node config {self.source}: {name}={value!r} is not absolute")
@@ -109,6 +113,7 @@ _KEYS = (
     ("checkpoint", "accept_restore_from_env", "accept_restore_from_env"),
     ("checkpoint", "seal_key_file", "seal_key_file"),
     ("checkpoint", "require_seal", "require_seal"),
+    ("checkpoint", "seal_witness_dir", "seal_witness_dir"),
     ("criu", "plugin_dir", "criu_plugin_dir"),
     ("criu", "checkpoint_timeout_s", "checkpoint_timeout_s"),
     ("criu", "restore_timeout_s", "restore_timeout_s"),
