@@ -36,7 +36,6 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from criu.images import read_completion  # noqa: E402
 from criu.stats import summary  # noqa: E402
 from tests.gpu.test_gpu_containers import (GiB, MiB, RESTORE_ANNOTATION, SCRATCH, SKIP, GpuContainer,  # noqa: E402,F401
                                            Tick, assert_running_intact, env, grpc_checkpoint, parse_tick,
@@ -58,17 +57,18 @@ def _save() -> None:
         (Path(OUT) / "gpu_profile.md").write_text(render(REPORT))
 
 
-def restore_profile_from_log(cd, cid: str) -> dict:
-    """The shim's 'container CID: restore profile: ...' line, parsed: stages and CRIU numbers."""
+def profile_from_log(cd, cid: str, operation: str) -> dict:
+    """The shim's 'container CID: <operation> profile: ...' line, parsed: stages and CRIU numbers."""
     found = None
+    mark = f"container {cid}: {operation} profile:"
     for line in cd.log_text().splitlines():
-        if f"container {cid}: restore profile:" in line:
+        if mark in line:
             found = line
     if found is None:
         return {}
     text = found.replace('\\"', '"')
     head, _, criu = text.partition(" | criu: ")
-    head = head.split("restore profile:", 1)[1]
+    head = head.split(f"{operation} profile:", 1)[1]
     stages = [{"stage": n, "seconds": float(s)} for n, s in _STAGE.findall(head)]
     total = next((s["seconds"] for s in stages if s["stage"] == "total"), None)
     criu_numbers = {}
@@ -89,8 +89,7 @@ def ours(env, nbytes: int, n: int, where: Path = SCRATCH) -> dict:
     out: dict = {"kind": "ours", "gib": nbytes // GiB}
     try:
         out["checkpoint_s"] = grpc_checkpoint(env, c.id, images, exit=True)
-        record = read_completion(images) or {}
-        out["checkpoint_profile"] = record.get("profile")
+        out["checkpoint_profile"] = profile_from_log(env.cd, c.id, "checkpoint")
         out["image_bytes"] = sum(f.stat().st_size for f in images.rglob("*") if f.is_file())
         c.remove()
         r = GpuContainer(env, f"prof-{label}-r", nbytes)
@@ -99,7 +98,7 @@ def ours(env, nbytes: int, n: int, where: Path = SCRATCH) -> dict:
         first = r.wait_tick(0, timeout=60)
         assert first.n > before[0], f"restored workload started afresh (tick {first.n}, was {before[0]})"
         assert_running_intact(r, {0: first.n}, "restored", nbytes // MiB)
-        out["restore_profile"] = restore_profile_from_log(env.cd, r.id)
+        out["restore_profile"] = profile_from_log(env.cd, r.id, "restore")
         r.remove()
     finally:
         shutil.rmtree(images, ignore_errors=True)

@@ -254,7 +254,7 @@ def save_shim_log(cd: Containerd) -> None:
         return
     keep = [line for line in cd.log_text().splitlines()
             if "CUDA" in line or "kybernate" in line.lower() and ("level=error" in line or "level=warn" in line)
-            or "checkpoint" in line.lower() and "shim" in line.lower()]
+            or "checkpoint" in line.lower() and "shim" in line.lower() or " profile: " in line]
     Path(OUT).mkdir(parents=True, exist_ok=True)
     (Path(OUT) / "shim-gpu.log").write_text("\n".join(keep[-3000:]) + "\n")
     (Path(OUT) / "containerd-tail.log").write_text(cd.log_tail(400) + "\n")
