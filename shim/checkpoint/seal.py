@@ -242,13 +242,24 @@ def _pieces(size: int) -> int:
 
 
 def _hash_all(dir_fd: int, entries: list[_Entry], threads: Optional[int],
-              expected: Optional[Mapping[str, list[str]]] = None) -> tuple[dict[str, list[str]], list[tuple]]:
+              expected: Optional[Mapping[str, list[str]]] = None,
+              known: Optional[Mapping[tuple, str]] = None) -> tuple[dict[str, list[str]], list[tuple]]:
     """Every piece of every file, hashed by a pool of threads; returns (digests by name, [(name,
     offset, why)] of the files that differ from `expected` or cannot be read). Once a file fails,
     files after it in name order are left unread, files before it are still checked: the first of
-    the list is the first bad file in name order, whichever thread found what first."""
-    jobs = [(e, i) for e in entries for i in range(_pieces(e.size))]
+    the list is the first bad file in name order, whichever thread found what first. `known`:
+    digests already taken of whole pieces ((name, dev, ino, index) -> hex, `PieceHasher`), used
+    for the same inode's same piece instead of reading it again (sealing only)."""
+    known = known or {}
     digests: dict[str, list[Optional[str]]] = {e.name: [None] * _pieces(e.size) for e in entries}
+    jobs = []
+    for e in entries:
+        for i in range(_pieces(e.size)):
+            early = known.get((e.name, e.dev, e.ino, i)) if expected is None else None
+            if early is not None and (i + 1) * PIECE_BYTES <= e.size:
+                digests[e.name][i] = early
+            else:
+                jobs.append((e, i))
     bad: list[tuple] = []
     lock = threading.Lock()
     first_bad: list[Optional[str]] = [None]
@@ -357,7 +368,7 @@ def _driver_version(dir_fd: int) -> Optional[int]:
 
 # ---- seal ------------------------------------------------------------------------------------------
 def seal(image_dir: str, key: bytes, identity: Mapping[str, str], *, threads: Optional[int] = None,
-         witness: Optional["WitnessDir"] = None) -> str:
+         witness: Optional["WitnessDir"] = None, known: Optional[Mapping[tuple, str]] = None) -> str:
     """Write the image's manifest (atomically, mode 0600); returns its path. Every entry of the dir
     must be a regular file (a CRIU dump has nothing else); an old manifest is replaced. With a
     `witness` dir, the files just hashed are noted there (shim.checkpoint.witness)."""
@@ -372,7 +383,7 @@ def seal(image_dir: str, key: bytes, identity: Mapping[str, str], *, threads: Op
                 raise SealError(image_dir, name, f"is {_kind(st.st_mode)}: an image to seal holds regular "
                                                  "files only", "not-regular")
             entries.append(_Entry(name, st.st_size, st.st_dev, st.st_ino))
-        digests, bad = _hash_all(dir_fd, entries, threads)
+        digests, bad = _hash_all(dir_fd, entries, threads, known=known)
         if bad:
             name, _offset, why = bad[0]
             raise SealError(image_dir, name, why, "unreadable")
@@ -390,6 +401,79 @@ def seal(image_dir: str, key: bytes, identity: Mapping[str, str], *, threads: Op
         os.close(dir_fd)
     log.debug("sealed %s: %d files in %.3fs", image_dir, len(entries), time.monotonic() - started)
     return os.path.join(image_dir, MANIFEST_NAME)
+
+
+class PieceHasher:
+    """Hashes the whole 64 MiB pieces of the page images (``pages-*.img``) while CRIU is still
+    writing them, so that the seal after the dump reads only what came last (on the H200 the seal
+    was 0.26 s of a 2 GiB GPU checkpoint and 0.65-1.03 s of an 8 GiB one).
+
+    Why that is sound: CRIU writes a page image once, front to back (splice at the file position;
+    no parent images, no rewrite), so a piece that lies wholly below the file's size does not change
+    afterwards; and `seal` takes a digest from here only for the same name, device, inode and piece
+    of a file whose final size covers the piece. Anything else (the other image files, the last
+    piece) is hashed by `seal` as before. A failure here only means the seal reads more."""
+
+    PATTERN = ("pages-", ".img")
+
+    def __init__(self, image_dir: str, threads: int = 4, interval_s: float = 0.02):
+        self.image_dir = image_dir
+        self.threads = threads
+        self.interval_s = interval_s
+        self.digests: dict[tuple, str] = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "PieceHasher":
+        self._thread = threading.Thread(target=self._run, name="kybernate-seal-early", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[tuple, str]:
+        """Stop looking (pieces being hashed finish); the digests taken so far."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return dict(self.digests)
+
+    def _run(self) -> None:
+        try:
+            dir_fd = os.open(self.image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return
+        taken: set[tuple] = set()
+        try:
+            with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="kybernate-seal-early") as pool:
+                while not self._stop.is_set():  # after the stop, `seal` hashes what is left
+                    for name, st in self._page_images(dir_fd):
+                        entry = _Entry(name, st.st_size, st.st_dev, st.st_ino)
+                        for index in range(st.st_size // PIECE_BYTES):
+                            key = (name, st.st_dev, st.st_ino, index)
+                            if key not in taken:
+                                taken.add(key)
+                                pool.submit(self._hash_one, dir_fd, entry, index, key)
+                    self._stop.wait(self.interval_s)
+        finally:
+            os.close(dir_fd)
+
+    def _page_images(self, dir_fd: int) -> list[tuple[str, os.stat_result]]:
+        out = []
+        try:
+            with os.scandir(dir_fd) as it:
+                for entry in it:
+                    if entry.name.startswith(self.PATTERN[0]) and entry.name.endswith(self.PATTERN[1]):
+                        st = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode):
+                            out.append((entry.name, st))
+        except OSError:
+            return out
+        return out
+
+    def _hash_one(self, dir_fd: int, entry: _Entry, index: int, key: tuple) -> None:
+        try:
+            self.digests[key] = _hash_piece(dir_fd, entry, index, lambda: True).hex()
+        except (OSError, _Stop):
+            pass
 
 
 def _write_atomic(dir_fd: int, name: str, data: bytes) -> None:
@@ -558,7 +642,8 @@ def checkpoint_key(container_id: str) -> Optional[bytes]:
     return key
 
 
-def seal_checkpoint(task: Any, image_dir: str, key: Optional[bytes]) -> str:
+def seal_checkpoint(task: Any, image_dir: str, key: Optional[bytes],
+                    known: Optional[Mapping[tuple, str]] = None) -> str:
     """After the dump, the completion marker and containerd's note (the in-progress marker is gone by
     then, so it is never sealed): the manifest, or "" unsealed."""
     if key is None:
@@ -571,7 +656,7 @@ def seal_checkpoint(task: Any, image_dir: str, key: Optional[bytes]) -> str:
     started = time.monotonic()
     node = _node("checkpoint", task.id)
     try:
-        path = seal(image_dir, key, identity_of(task.namespace, task.spec, task.id),
+        path = seal(image_dir, key, identity_of(task.namespace, task.spec, task.id), known=known,
                     witness=WitnessDir(node.seal_witness_dir) if node.seal_witness_dir else None)
     except (SealError, OSError, ValueError) as exc:
         raise TTRPCError(Code.INTERNAL, f"checkpoint container {task.id}: the image in {image_dir} is complete "

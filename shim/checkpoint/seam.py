@@ -250,12 +250,17 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     try:
         with profile.stage(f"{layer.name}.before"):
             await layer.before_checkpoint(task, plan.image_path, plan.keeps_running, was_paused)
+        # the page images' whole pieces are hashed for the seal while CRIU writes them
+        early = seal.PieceHasher(plan.image_path).start() if seal_key is not None else None
         try:
             with profile.stage("runc.checkpoint"):
                 await task.runtime.run_args("checkpoint", plan.args())
         except BaseException as exc:
+            if early is not None:
+                await asyncio.to_thread(early.stop)
             await layer.after_checkpoint(task, plan.image_path, plan.keeps_running, was_paused, exc)
             raise
+        known = await asyncio.to_thread(early.stop) if early is not None else None
         with profile.stage(f"{layer.name}.after"):
             await layer.after_checkpoint(task, plan.image_path, plan.keeps_running, was_paused, None)
         profile.add_criu(await asyncio.to_thread(_criu_numbers, "dump", plan.work_path))
@@ -296,7 +301,7 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     # last: covers every file, the completion marker and a note (the in-progress marker is gone); in a
     # thread, as it reads the whole image
     with profile.stage("seal"):
-        await asyncio.to_thread(seal.seal_checkpoint, task, plan.image_path, seal_key)
+        await asyncio.to_thread(seal.seal_checkpoint, task, plan.image_path, seal_key, known)
     log.info("container %s: checkpoint to %s done in %.3fs", cid, plan.image_path, elapsed)
     log.info("%s", profile.line())
     return plan.image_path

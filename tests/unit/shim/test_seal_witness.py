@@ -2,6 +2,7 @@
 unchanged since (same inode, size, ctime); any change sends it back to hashing every byte."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -90,8 +91,45 @@ def test_a_forged_witness_file_for_other_inodes_is_not_believed(image, witness):
     (name,) = os.listdir(witness.path)
     path = Path(witness.path) / name
     text = path.read_text()
-    import json
     doc = json.loads(text)
     doc["files"]["pages-1.img"][1] += 1  # another inode
     path.write_text(json.dumps(doc))
     assert not S.verify(str(image), KEY, WHO, witness=witness).witnessed
+
+
+def test_pieces_hashed_while_the_image_grows_are_used_and_give_the_same_seal(tmp_path, monkeypatch):
+    """PieceHasher takes the whole pieces of pages-*.img as they are written; the seal made with them
+    equals one made from scratch, and reads only the rest."""
+    monkeypatch.setattr(S, "PIECE_BYTES", 1 << 20)
+    d = tmp_path / "img"
+    d.mkdir()
+    (d / "inventory.img").write_bytes(b"inv")
+    early = S.PieceHasher(str(d), interval_s=0.005).start()
+    data = os.urandom((5 << 20) + 123)
+    with open(d / "pages-1.img", "wb") as f:  # written front to back, as CRIU does
+        for i in range(0, len(data), 256 << 10):
+            f.write(data[i:i + (256 << 10)])
+            f.flush()
+            time.sleep(0.003)
+    time.sleep(0.05)
+    known = early.stop()
+    assert {k[3] for k in known if k[0] == "pages-1.img"} == {0, 1, 2, 3, 4}  # the 5 whole pieces
+    read = []
+    real = S._hash_piece
+    monkeypatch.setattr(S, "_hash_piece", lambda fd, e, i, n: read.append((e.name, i)) or real(fd, e, i, n))
+    with_early = json.loads(Path(S.seal(str(d), KEY, WHO, known=known)).read_text())
+    assert sorted(read) == [("inventory.img", 0), ("pages-1.img", 5)]  # only what was not taken early
+    plain = json.loads(Path(S.seal(str(d), KEY, WHO)).read_text())
+    assert with_early["body"]["files"] == plain["body"]["files"]
+    S.verify(str(d), KEY, WHO)
+
+
+def test_an_early_digest_of_another_inode_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "PIECE_BYTES", 1 << 20)
+    d = tmp_path / "img"
+    d.mkdir()
+    (d / "pages-1.img").write_bytes(os.urandom(2 << 20))
+    st = os.stat(d / "pages-1.img")
+    forged = {("pages-1.img", st.st_dev, st.st_ino + 1, 0): "00" * 32}
+    S.seal(str(d), KEY, WHO, known=forged)
+    S.verify(str(d), KEY, WHO)  # the forged digest was not taken: the seal matches the bytes
