@@ -53,7 +53,7 @@ class StoreError(Exception):
         self.reason = reason
 
 
-def _component(text: str, what: str) -> str:
+def component(text: str, what: str) -> str:
     """One directory name of the layout: containerd ids, namespaces and Kubernetes names all fit."""
     if not isinstance(text, str) or not _COMPONENT.fullmatch(text) or text in (".", ".."):
         raise ValueError(f"{what} {text!r} cannot name a directory in the checkpoint store")
@@ -87,14 +87,14 @@ def scope_of(containerd_namespace: str, container_id: str, annotations: Mapping[
     """The scope of a container from what containerd says about it (its namespace, and the CRI
     plugin's annotations for a Kubernetes container). ValueError for names that cannot be directory
     names (containerd's own identifiers always can)."""
-    ns = _component(containerd_namespace, "containerd namespace")
+    ns = component(containerd_namespace, "containerd namespace")
     pod_ns = annotations.get(CRI_SANDBOX_NAMESPACE) or ""
     pod = annotations.get(CRI_SANDBOX_NAME) or ""
     container = annotations.get(CRI_CONTAINER_NAME) or ""
     if pod_ns and pod and container and annotations.get(CRI_CONTAINER_TYPE, "container") == "container":
-        return Scope(ns, _component(pod_ns, "Kubernetes namespace"),
-                     (_component(pod, "pod name"), _component(container, "container name")))
-    return Scope(ns, "", (_component(container_id, "container id"),))
+        return Scope(ns, component(pod_ns, "Kubernetes namespace"),
+                     (component(pod, "pod name"), component(container, "container name")))
+    return Scope(ns, "", (component(container_id, "container id"),))
 
 
 def new_checkpoint_id(parent: str, now: Optional[float] = None) -> str:
@@ -256,7 +256,7 @@ def make_dirs(store: str, parts: list[str]) -> str:
     try:
         for part in parts:
             if part != NO_POD_NAMESPACE:
-                _component(part, "checkpoint store directory")
+                component(part, "checkpoint store directory")
             try:
                 os.mkdir(part, 0o700, dir_fd=fd)
             except FileExistsError:
