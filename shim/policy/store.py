@@ -202,6 +202,30 @@ def open_beneath(root: str, name: str, *, use_openat2: bool = True) -> int:
         os.close(root_fd)
 
 
+RESOLVE_IN_ROOT = 0x10
+
+
+def open_in_root(root_fd: int, name: str) -> int:
+    """An O_DIRECTORY fd of ``name`` resolved as if ``root_fd`` were ``/`` (a container's rootfs:
+    its own symbolic links are followed, but never out of it): openat2(RESOLVE_IN_ROOT), or where
+    openat2 is missing a walk that follows no link at all. OSError when it is not there."""
+    global _openat2_missing
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts:
+        return os.dup(root_fd)
+    if ".." in parts:
+        raise OSError(errno.EXDEV, "holds '..'", name)
+    if not _openat2_missing:
+        try:
+            return _openat2(root_fd, "/".join(parts), flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):
+                raise
+            _openat2_missing = True
+    return _walk(root_fd, parts, flags)
+
+
 def _why(exc: OSError) -> str:
     if exc.errno == errno.ELOOP:
         return "a component is a symbolic link"
