@@ -139,26 +139,51 @@ def _remove(parent_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=parent_fd)
 
 
+MAX_LINK_HOPS = 40
+
+
+def _in_root(parts: list[str]) -> list[str]:
+    """Components with '.' dropped and '..' taken back, never above the root (as in a chroot)."""
+    out: list[str] = []
+    for p in parts:
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if out:
+                out.pop()
+        else:
+            out.append(p)
+    return out
+
+
 def _parent(root_fd: int, parts: list[str]) -> int:
-    """The entry's parent directory beneath the root, made (0755) where missing."""
-    try:
-        return open_in_root(root_fd, "/".join(parts[:-1]))
-    except FileNotFoundError:
-        pass
-    fd = os.dup(root_fd)
-    try:
-        for i, part in enumerate(parts[:-1]):
+    """The entry's parent directory beneath the root, made (0755) where missing. A missing piece
+    behind a dangling link of the rootfs is made where the link points, inside the rootfs."""
+    want = parts[:-1]
+    for _hop in range(MAX_LINK_HOPS):
+        try:
+            return open_in_root(root_fd, "/".join(want))
+        except FileNotFoundError:
+            pass
+        missing = len(want)
+        for i in range(1, len(want) + 1):
             try:
-                nxt = open_in_root(fd, part)
+                os.close(open_in_root(root_fd, "/".join(want[:i])))
             except FileNotFoundError:
-                os.mkdir(part, 0o755, dir_fd=fd)
-                nxt = open_in_root(fd, part)
-            os.close(fd)
-            fd = nxt
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+                missing = i
+                break
+        pfd = open_in_root(root_fd, "/".join(want[:missing - 1]))
+        try:
+            name = want[missing - 1]
+            try:
+                os.mkdir(name, 0o755, dir_fd=pfd)
+            except FileExistsError:
+                target = os.readlink(name, dir_fd=pfd)   # a dangling link (anything else opened above)
+                base = [] if target.startswith("/") else want[:missing - 1]
+                want = _in_root(base + target.split("/")) + want[missing:]
+        finally:
+            os.close(pfd)
+    raise RootfsDiffError(f"{'/'.join(parts)!r}: more than {MAX_LINK_HOPS} links on the way")
 
 
 def apply(image_dir: str, rootfs: str, container_id: str = "") -> int:

@@ -1,0 +1,175 @@
+"""Checkpoint tiers across two nodes (issue 16): two containerd instances on this machine with their
+own roots, sockets, tier 1/2 dirs and tier state, sharing only a real registry (Debian's
+docker-registry, distribution 2.8, on 127.0.0.1 with Basic auth) and the cluster's seal key, in one
+containerd namespace (as two Kubernetes nodes share k8s.io).
+
+- a CPU counter checkpointed on node A by `kybernate checkpoint` lands in A's tier 1 with an id;
+  A's worker (`kybernate store serve --once`) copies it to tier 2 and the registry; node B restores
+  it by id (kybernate.io/restore-from), pulling it from the registry into B's tier 1, its rootfs
+  diff applied (the counter's /tmp files travel), and it counts on from where it stopped;
+- on node B, a blob of that checkpoint corrupted in the registry: the restore is refused naming the
+  id, the tier and the blob, and nothing is left (no task, no half pull in B's tiers);
+- an unknown id, and an id of another containerd namespace: refused naming the id, with an audit line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.registry_support import LocalRegistry, unavailable_reason as registry_unavailable
+
+from .checkpoint_support import (RESTORE_ANNOTATION, audit_lines, bundle_dir, counting_past, hold_counter,
+                                 log_counts, read_count, remove, run_counter, task_status, wait_until)
+from .conftest import _selected_versions
+from .harness import KYBERNATE_RUNTIME, VENV_BIN, Containerd, unavailable_reason
+
+KYBERNATE = VENV_BIN / "kybernate"
+VERSION = (_selected_versions() or ["1.6"])[0]
+
+
+def kybernate(cd: Containerd, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KYBERNATE), "--address", cd.address, "-n", cd.namespace, *args],
+                          capture_output=True, text=True, timeout=timeout, env=cd.env)
+
+
+class Node:
+    def __init__(self, name: str, workdir: Path, namespace: str, registry: LocalRegistry, seal_key: bytes | None):
+        self.cd = Containerd(VERSION, workdir, namespace=namespace)
+        self.ram = workdir / "ram"
+        self.state = workdir / "tier-state"
+        self.ram.mkdir(parents=True, mode=0o700, exist_ok=True)
+        if seal_key is not None:   # the cluster's key: every node verifies every node's seals
+            fd = os.open(self.cd.seal_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, seal_key + b"\n")
+            os.close(fd)
+        self.cd.write_node_config(store={
+            "ram_dir": str(self.ram), "state_dir": str(self.state), "registry": registry.reference("kyb/tiers"),
+            "registry_plain_http": True, "credentials_file": str(registry.credentials_file), "chunk_mib": 1,
+            "min_idle_s": 0})
+
+    def tier_files(self) -> list[str]:
+        return sorted(str(p.relative_to(self.ram)) for p in self.ram.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    for reason in (unavailable_reason(VERSION), registry_unavailable()):
+        if reason:
+            pytest.skip(reason)
+    base = tmp_path_factory.mktemp("tiers")
+    registry = LocalRegistry(base).start()
+    namespace = f"kybtest-mig-{secrets.token_hex(3)}"
+    a = Node("a", base / "node-a", namespace, registry, None)
+    b = Node("b", base / "node-b", namespace, registry, a.cd.seal_key)
+    started = []
+    try:
+        for node in (a, b):
+            node.cd.start()
+            started.append(node)
+            node.cd.import_busybox()
+        yield a, b, registry
+    finally:
+        for node in reversed(started):
+            node.cd.stop()
+        registry.stop()
+
+
+@pytest.fixture(scope="module")
+def migrated(nodes, tmp_path_factory):
+    """A counter checkpointed on A, pushed by A's worker: (checkpoint id, its last count)."""
+    a, b, registry = nodes
+    log = tmp_path_factory.mktemp("logs") / "a.log"
+    run_counter(a.cd, "mig-src", KYBERNATE_RUNTIME, log=log)
+    try:
+        assert counting_past(a.cd, "mig-src", 3) is not None
+        last = hold_counter(a.cd, "mig-src")   # parked: /tmp/hold and /tmp/count are in its rootfs diff
+        r = kybernate(a.cd, "checkpoint", "mig-src", "--exit", "-q")
+        assert r.returncode == 0, r.stderr + r.stdout
+        checkpoint_id = re.search(r"checkpoint id (\S+) \(in the ram tier", r.stdout).group(1)
+        worker = kybernate(a.cd, "store", "serve", "--once")
+        assert worker.returncode == 0 and "1 job(s) finished, 0 left" in worker.stdout, worker.stderr
+        listing = kybernate(a.cd, "checkpoints", "ls", "--json")
+        rec = next(r for r in json.loads(listing.stdout) if r["id"] == checkpoint_id)
+        assert rec["tiers"] == ["ram", "disk", "registry"] and rec["rootfs_diff"] and rec["sealed"], rec
+        yield checkpoint_id, last
+    finally:
+        remove(a.cd, "mig-src")
+
+
+def test_a_counter_moves_from_node_a_to_node_b_through_the_registry(nodes, migrated, tmp_path):
+    a, b, registry = nodes
+    checkpoint_id, last = migrated
+    assert not b.tier_files()
+    log = tmp_path / "b.log"
+    run_counter(b.cd, "mig-dst", KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={checkpoint_id}", log=log)
+    try:
+        assert task_status(b.cd, "mig-dst") == "RUNNING"
+        assert any(checkpoint_id in f for f in b.tier_files()), "pulled into node B's tier 1"
+        rootfs = bundle_dir(b.cd, "mig-dst") / "rootfs"
+        assert (rootfs / "tmp" / "hold").exists(), "the rootfs diff travelled with the image"
+        assert read_count(b.cd, "mig-dst") == last
+        (rootfs / "tmp" / "hold").unlink()
+        assert counting_past(b.cd, "mig-dst", last, 15) is not None
+        assert wait_until(lambda: log_counts(log), 10)[0] == last + 1, log.read_text()[:200]
+        assert "pulled from" in b.cd.log_text() and checkpoint_id in b.cd.log_text()
+    finally:
+        remove(b.cd, "mig-dst")
+
+
+def test_a_corrupted_blob_in_the_registry_is_never_restored(nodes, migrated, tmp_path):
+    a, b, registry = nodes
+    checkpoint_id, _ = migrated
+    rm = kybernate(b.cd, "checkpoints", "rm", checkpoint_id, "--keep-registry")
+    assert rm.returncode == 0 or "no checkpoint" in rm.stderr, rm.stderr
+    shutil.rmtree(b.ram / b.cd.namespace, ignore_errors=True)
+    # the largest blob is the counter's pages: flip a byte of it where the registry keeps it
+    victim = max(registry.blobs(), key=lambda d: registry.blob_data(d).stat().st_size)
+    data = registry.blob_data(victim)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x5A
+    data.write_bytes(bytes(raw))
+    try:
+        r = b.cd.ctr("run", "-d", "--runtime", KYBERNATE_RUNTIME, "--annotation",
+                     f"{RESTORE_ANNOTATION}={checkpoint_id}", "docker.io/kybernate/busybox:test", "mig-bad",
+                     "sh", "-c", "sleep 100", check=False)
+        assert r.returncode != 0
+        text = r.stderr + r.stdout
+        assert checkpoint_id in text and "registry tier" in text and "do not match their digest" in text, text
+        assert task_status(b.cd, "mig-bad") in (None, "STOPPED")
+        assert not [f for f in b.tier_files() if checkpoint_id in f], b.tier_files()
+        assert audit_lines(b.cd, RESTORE_ANNOTATION, checkpoint_id)
+    finally:
+        raw[len(raw) // 2] ^= 0x5A
+        data.write_bytes(bytes(raw))
+        remove(b.cd, "mig-bad")
+
+
+@pytest.mark.parametrize("case", ["unknown", "other-namespace"])
+def test_unknown_ids_and_other_namespaces_are_refused_naming_the_id(nodes, migrated, case):
+    """The other namespace is a Kubernetes one: the CRI plugin's own annotations put the container in
+    scope <ns>/team-x, where the checkpoint (of <ns>/_) is not its to restore."""
+    a, b, registry = nodes
+    checkpoint_id, _ = migrated
+    wanted, extra, expect = {
+        "unknown": ("20200101T000000Z-00000000", [], "no such checkpoint in registry"),
+        "other-namespace": (checkpoint_id, ["--annotation", "io.kubernetes.cri.sandbox-namespace=team-x",
+                                            "--annotation", "io.kubernetes.cri.sandbox-name=pod",
+                                            "--annotation", "io.kubernetes.cri.container-name=app"],
+                            "not to this container's"),
+    }[case]
+    try:
+        r = b.cd.ctr("run", "-d", "--runtime", KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={wanted}",
+                     *extra, "docker.io/kybernate/busybox:test", "mig-refused", "sh", "-c", "sleep 100", check=False)
+        text = r.stderr + r.stdout
+        assert r.returncode != 0 and wanted in text and expect in text, text
+        assert audit_lines(b.cd, RESTORE_ANNOTATION, wanted)
+        assert task_status(b.cd, "mig-refused") in (None, "STOPPED")
+    finally:
+        remove(b.cd, "mig-refused")
