@@ -99,7 +99,8 @@ class Worker:
         except (TierError, OSError, ValueError) as exc:
             attempts = job.attempts + 1
             delay = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (attempts - 1))
-            job = replace(job, attempts=attempts, next_try=self.clock() + delay, last_error=str(exc)[:500], phase="")
+            why = f"{exc.kind}: {exc.why}" if isinstance(exc, TierError) else str(exc)
+            job = replace(job, attempts=attempts, next_try=self.clock() + delay, last_error=why[:500], phase="")
             self.catalog.put_job(job)
             log.warning("checkpoint %s: %s step failed (attempt %d, next in %.0fs): %s", job.id,
                         job.steps[0] if job.steps else "?", attempts, delay, exc)

@@ -173,3 +173,52 @@ def test_unknown_ids_and_other_namespaces_are_refused_naming_the_id(nodes, migra
         assert task_status(b.cd, "mig-refused") in (None, "STOPPED")
     finally:
         remove(b.cd, "mig-refused")
+
+
+def _checkpoint_on(node: Node, cid: str, log: Path) -> tuple[str, int, str]:
+    """Run a counter on ``node``, park it, `kybernate checkpoint --exit`: (id, last count, output)."""
+    run_counter(node.cd, cid, KYBERNATE_RUNTIME, log=log)
+    assert counting_past(node.cd, cid, 2) is not None
+    last = hold_counter(node.cd, cid)
+    r = kybernate(node.cd, "checkpoint", cid, "--exit", "-q")
+    assert r.returncode == 0, r.stderr + r.stdout
+    return re.search(r"checkpoint id (\S+)", r.stdout).group(1), last, r.stdout
+
+
+def test_tier_1_full_sends_the_checkpoint_to_tier_2(nodes, tmp_path):
+    a, b, registry = nodes
+    with a.cd.node_config(store={"ram_cap_mib": 1}):
+        try:
+            checkpoint_id, _, out = _checkpoint_on(a, "full-src", tmp_path / "a.log")
+        finally:
+            remove(a.cd, "full-src")
+    assert "in the disk tier" in out and "tier 1 full" in out, out
+    assert "tier 1 full" in a.cd.log_text()
+    assert not [f for f in a.tier_files() if checkpoint_id in f]
+    assert list(a.cd.checkpoint_store.rglob(checkpoint_id))
+
+
+def test_registry_down_during_the_upload_the_checkpoint_stays_restorable(nodes, tmp_path):
+    a, b, registry = nodes
+    registry.stop()
+    try:
+        checkpoint_id, last, _ = _checkpoint_on(a, "down-src", tmp_path / "a.log")
+        remove(a.cd, "down-src")
+        worker = kybernate(a.cd, "store", "serve", "--once")
+        assert "1 job(s) left" in worker.stdout or "0 job(s) finished" in worker.stdout, worker.stdout
+        ls = kybernate(a.cd, "checkpoints", "ls")
+        line = next(x for x in ls.stdout.splitlines() if x.startswith(checkpoint_id))
+        assert "ram,disk" in line and "registry: retry 1" in line and "unreachable" in line, ls.stdout
+        # restorable from the node's own tiers meanwhile
+        run_counter(a.cd, "down-dst", KYBERNATE_RUNTIME, "--annotation", f"{RESTORE_ANNOTATION}={checkpoint_id}",
+                    log=tmp_path / "dst.log")
+        assert task_status(a.cd, "down-dst") == "RUNNING"
+        assert read_count(a.cd, "down-dst") == last
+    finally:
+        remove(a.cd, "down-dst")
+        registry.start()
+    push = kybernate(a.cd, "checkpoints", "push", checkpoint_id, "-q")
+    assert push.returncode == 0 and "pushed" in push.stdout, push.stderr
+    listing = json.loads(kybernate(a.cd, "checkpoints", "ls", "--json").stdout)
+    rec = next(r for r in listing if r["id"] == checkpoint_id)
+    assert rec["registry"] and rec["job"] is None
