@@ -29,7 +29,8 @@ with warnings.catch_warnings():  # deprecated (gone in 3.13): bcrypt for htpassw
     warnings.simplefilter("ignore", DeprecationWarning)
     import crypt
 
-REGISTRY_BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+REGISTRY_BINARY = (os.environ.get("KYB_REGISTRY_BINARY") or shutil.which("docker-registry")
+                   or "/usr/bin/docker-registry")   # KYB_REGISTRY_BINARY: a copy carried to a machine without apt
 USER, PASSWORD = "kyb", "kyb-test-password"
 
 
