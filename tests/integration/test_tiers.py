@@ -222,3 +222,19 @@ def test_registry_down_during_the_upload_the_checkpoint_stays_restorable(nodes, 
     listing = json.loads(kybernate(a.cd, "checkpoints", "ls", "--json").stdout)
     rec = next(r for r in listing if r["id"] == checkpoint_id)
     assert rec["registry"] and rec["job"] is None
+
+
+def test_kybernate_restore_by_id_on_the_node_that_made_it(nodes, migrated):
+    """`kybernate restore ID --from CHECKPOINT-ID`: the id goes to the shim as kybernate.io/restore-from,
+    which serves it from node A's tier 1."""
+    a, b, registry = nodes
+    checkpoint_id, last = migrated
+    try:
+        r = kybernate(a.cd, "restore", "mig-src", "--from", checkpoint_id, "--new-id", "mig-cli")
+        assert r.returncode == 0, r.stderr + r.stdout
+        assert f"from {checkpoint_id}" in r.stdout
+        assert task_status(a.cd, "mig-cli") == "RUNNING"
+        assert read_count(a.cd, "mig-cli") == last
+        assert "found in the ram tier" in a.cd.log_text()
+    finally:
+        remove(a.cd, "mig-cli")
