@@ -118,7 +118,6 @@ def main() -> int:
     from tiers import DISK, RAM
     from tiers.ids import new_id
     from tiers.store import TierStore
-    from tiers.worker import Worker
     from shim.policy.store import make_dirs
 
     work = Path(tempfile.mkdtemp(prefix="kyb-tier-bench-", dir="/var/tmp"))

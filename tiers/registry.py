@@ -27,7 +27,6 @@ import http.client
 import json
 import os
 import re
-import socket
 import ssl
 import stat
 import threading

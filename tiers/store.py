@@ -161,15 +161,22 @@ class TierStore:
             return False, f"{tier} tier {root} has {free >> 20} MiB free, the checkpoint needs about {estimate >> 20} MiB"
         return True, ""
 
-    def place(self, namespace: str, pod_namespace: str, name, checkpoint_id: str, estimate: int) -> Placement:
+    def place(self, namespace: str, pod_namespace: str, name, checkpoint_id: str, estimate: int,
+              must_fit: bool = False) -> Placement:
         """The directory a new checkpoint goes to: tier 1 when it has room for ``estimate`` bytes,
-        else tier 2 (its parents made, root's alone)."""
+        else tier 2 (its parents made, root's alone). ``must_fit`` (a pull, whose size is known):
+        TierError ``full`` when tier 2 has no room either, before anything is written."""
         why = ""
         tier = DISK
         if self.roots[RAM]:
             ok, why = self.has_room(RAM, estimate)
             if ok:
                 tier = RAM
+        if tier == DISK and must_fit:
+            ok, why_disk = self.has_room(DISK, estimate)
+            if not ok:
+                raise TierError(checkpoint_id, DISK, "full", f"no tier of this node has room for it: "
+                                                             f"{why or 'no ram tier'}; {why_disk}")
         parent = layout.make_dirs(self.roots[tier], _scope_parts(namespace, pod_namespace, name))
         return Placement(tier, os.path.join(parent, checkpoint_id),
                          "" if tier == RAM else (f"tier 1 full: {why}; the checkpoint goes to tier 2" if why else ""))
@@ -252,12 +259,12 @@ class TierStore:
 
         reg = self.registry()
         image = inspect(reg, checkpoint_id, (namespace, pod_namespace))
-        placement = self.place(image.namespace, image.pod_namespace, image.name, checkpoint_id, image.total_bytes)
+        placement = self.place(image.namespace, image.pod_namespace, image.name, checkpoint_id, image.total_bytes,
+                               must_fit=True)
         if placement.why:
             log.info("checkpoint %s: %s", checkpoint_id, placement.why)
         started = time.monotonic()
-        path = pull(reg, image, os.path.dirname(placement.path), placement.tier, self.node.store_parallel_transfers,
-                    progress)
+        path = pull(reg, image, os.path.dirname(placement.path), self.node.store_parallel_transfers, progress)
         seconds = time.monotonic() - started
         log.info("checkpoint %s: pulled from %s into %s in %.2fs (%.2f GB/s)", checkpoint_id, reg, path, seconds,
                  image.total_bytes / max(seconds, 1e-6) / 1e9)
@@ -322,11 +329,6 @@ class TierStore:
                       progress)
         self.catalog.update(rec.id, registry=pushed.manifest_digest, shared_bytes=pushed.shared_bytes)
         return pushed
-
-    def pull_to(self, checkpoint_id: str, namespace: str, pod_namespace: str, progress=None) -> Located:
-        """`kybernate checkpoints pull`: the registry's copy into tier 1/2 (even when a local tier
-        holds it? no: then that one is returned)."""
-        return self.locate(checkpoint_id, namespace, pod_namespace, progress)
 
     # ---- capacity and retention ---------------------------------------------------------------
     def drop_tier(self, rec: Record, tier: str) -> Record:

@@ -17,6 +17,7 @@ place only when every byte is checked: a failed pull leaves nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -100,7 +101,6 @@ def push(registry: Registry, image_dir: str, record: Record, chunk_bytes: int, p
               "files": [{"name": f.name, "size": f.size, "mode": f.mode,
                          "chunks": [[c.digest, c.size] for c in f.chunks]} for f in files]}
     config_bytes = json.dumps(config, sort_keys=True).encode()
-    import hashlib
     config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
     if not registry.has_blob(config_digest, cid):
         registry.push_blob(config_digest, config_bytes, cid)
@@ -254,7 +254,7 @@ def _scope_text(namespace: str, pod_namespace: str) -> str:
     return f"{namespace}/{pod_namespace or '_'}"
 
 
-def pull(registry: Registry, image: RemoteImage, parent: str, tier: str, parallel: int,
+def pull(registry: Registry, image: RemoteImage, parent: str, parallel: int,
          progress: Optional[Progress] = None) -> str:
     """Write ``image`` as ``parent/<id>`` (the parent made by the caller, in a tier's layout);
     returns that path. Chunks are fetched in parallel; a blob that is missing, or whose bytes do not

@@ -14,7 +14,6 @@ registry, image size, push GB/s).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 from pathlib import Path

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import pytest
 
 from shim.policy.node import NodeConfig, NodeConfigError
 from shim.policy.store import Scope
-from tiers import DISK, RAM, REGISTRY
+from tiers import DISK, REGISTRY
 from tiers.catalog import Catalog, Job, Record
 from tiers.ids import is_id, new_id
 from tiers.registry import load_credentials

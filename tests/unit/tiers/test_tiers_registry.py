@@ -3,17 +3,14 @@ way a registry can fail a pull (401, 404, 500, a manifest naming a missing blob,
 each an error naming the id and the tier, with nothing half-made."""
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import replace
 
 import pytest
 
-from tiers import DISK, RAM, REGISTRY, TierError
+from tiers import REGISTRY, TierError
 from tiers.catalog import Record
 from tiers.ids import new_id
 from tiers.registry import Credentials, Registry, load_credentials
-from tiers.store import TierStore
 from tiers.transfer import inspect, pull, push
 
 from conftest import make_image  # noqa: E402 - the tier tests' shared helper
@@ -47,7 +44,7 @@ def test_push_then_pull_gives_the_same_bytes_and_shares_unchanged_chunks(registr
     image = inspect(reg, b, ("default", ""))
     out = tmp_path / "out"
     out.mkdir()
-    path = pull(reg, image, str(out), DISK, 4)
+    path = pull(reg, image, str(out), 4)
     assert _files(second) == _files(out / b)
     assert [p.name for p in out.iterdir()] == [b]  # no hidden pull dir left
 
@@ -100,7 +97,7 @@ def test_server_error_is_named_and_nothing_is_left(registry, proxy, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(TierError) as err:
-        pull(reg, image, str(out), DISK, 4)
+        pull(reg, image, str(out), 4)
     assert err.value.kind == "server-error" and "500" in str(err.value) and cid in str(err.value)
     assert list(out.iterdir()) == []
 
@@ -115,7 +112,7 @@ def test_a_manifest_naming_a_missing_blob_fails_the_pull_whole(registry, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(TierError) as err:
-        pull(reg, image, str(out), DISK, 4)
+        pull(reg, image, str(out), 4)
     assert err.value.kind == "missing-blob" and victim in str(err.value)
     assert list(out.iterdir()) == []
 
@@ -133,6 +130,6 @@ def test_a_corrupted_blob_is_refused(registry, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(TierError) as err:
-        pull(reg, image, str(out), DISK, 4)
+        pull(reg, image, str(out), 4)
     assert err.value.kind == "corrupt" and victim in str(err.value) and cid in str(err.value)
     assert list(out.iterdir()) == []

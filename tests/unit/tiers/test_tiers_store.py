@@ -221,3 +221,18 @@ def test_keep_last_removes_older_checkpoints_of_a_container_from_every_tier(tier
     with pytest.raises(TierError) as err:
         tiers.locate(old.id, "default", "")
     assert err.value.kind == "unknown"
+
+
+def test_a_pull_no_tier_has_room_for_is_refused_before_anything_is_written(tier_node, tmp_path):
+    a = TierStore(tier_node())
+    rec, _ = _checkpoint(a, mib=3)
+    Worker(a).run_once()
+    b_dirs = tmp_path / "node-b"
+    for d in ("ram", "disk"):
+        (b_dirs / d).mkdir(parents=True, mode=0o700)
+    b = TierStore(tier_node(store_ram_dir=str(b_dirs / "ram"), checkpoint_store=str(b_dirs / "disk"),
+                            store_state_dir=str(b_dirs / "state"), store_ram_cap_mib=1, store_disk_cap_mib=2))
+    with pytest.raises(TierError) as err:
+        b.locate(rec.id, "default", "")
+    assert err.value.kind == "full" and rec.id in str(err.value) and "cap" in str(err.value)
+    assert not list(b_dirs.rglob(rec.id)) and not list(b_dirs.rglob(".pull-*"))
