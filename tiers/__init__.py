@@ -41,7 +41,8 @@ TIER_NAMES = (RAM, DISK, REGISTRY)
 class TierError(Exception):
     """Something about one checkpoint in one tier: ``kind`` says what (unknown, foreign-scope,
     unreachable, unauthorized, not-found, server-error, missing-blob, corrupt, malformed, full,
-    io), the message names the id and the tier."""
+    io, config: the node's registry settings or credentials file are unusable), the message names
+    the id and the tier."""
 
     def __init__(self, checkpoint_id: str, tier: str, kind: str, why: str):
         self.checkpoint_id = checkpoint_id

@@ -114,7 +114,7 @@ class TierStore:
                 try:
                     self._registry = from_node(self.node)
                 except ValueError as exc:
-                    raise TierError("-", REGISTRY, "unauthorized", str(exc)) from None
+                    raise TierError("-", REGISTRY, "config", str(exc)) from None
             return self._registry
 
     @property

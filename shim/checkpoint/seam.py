@@ -80,7 +80,8 @@ async def prepare_create(req, spec: dict, options: Any, bundle: str, node: Optio
 _TIER_CODES = {"malformed": Code.INVALID_ARGUMENT, "unknown": Code.NOT_FOUND, "foreign-scope": Code.PERMISSION_DENIED,
                "unreachable": Code.UNAVAILABLE, "server-error": Code.UNAVAILABLE, "unauthorized": Code.FAILED_PRECONDITION,
                "not-found": Code.NOT_FOUND, "missing-blob": Code.DATA_LOSS, "corrupt": Code.DATA_LOSS,
-               "full": Code.RESOURCE_EXHAUSTED, "io": Code.UNAVAILABLE, "refused": Code.UNAVAILABLE}
+               "full": Code.RESOURCE_EXHAUSTED, "io": Code.UNAVAILABLE, "refused": Code.UNAVAILABLE,
+               "config": Code.FAILED_PRECONDITION}
 
 
 def _locate_by_id(value: str, scope: store.Scope, key: str, *, node: NodeConfig, container_id: str,

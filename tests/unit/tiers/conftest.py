@@ -2,6 +2,7 @@
 config with tiers in the test's tmp dir, and a fake checkpoint image (files shaped like CRIU's)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def tier_node(tmp_path, registry):
 
     def make(**over):
         values = dict(checkpoint_store=str(tmp_path / "disk"), store_ram_dir=str(tmp_path / "ram"),
-                      store_state_dir=str(tmp_path / "state"), store_registry=registry.reference(f"kyb/{tmp_path.name[-20:].lower().replace('_', '-')}"),
+                      store_state_dir=str(tmp_path / "state"), store_registry=registry.reference(f"kyb/t{hashlib.sha1(str(tmp_path).encode()).hexdigest()[:12]}"),
                       store_registry_plain_http=True, store_credentials_file=str(registry.credentials_file),
                       store_chunk_mib=1, store_parallel_transfers=4, store_min_idle_s=0)
         values.update(over)

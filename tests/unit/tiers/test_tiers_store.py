@@ -234,5 +234,5 @@ def test_a_pull_no_tier_has_room_for_is_refused_before_anything_is_written(tier_
                             store_state_dir=str(b_dirs / "state"), store_ram_cap_mib=1, store_disk_cap_mib=2))
     with pytest.raises(TierError) as err:
         b.locate(rec.id, "default", "")
-    assert err.value.kind == "full" and rec.id in str(err.value) and "cap" in str(err.value)
+    assert err.value.kind == "full" and rec.id in str(err.value) and "cap" in str(err.value), str(err.value)
     assert not list(b_dirs.rglob(rec.id)) and not list(b_dirs.rglob(".pull-*"))
