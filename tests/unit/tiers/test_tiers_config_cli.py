@@ -129,3 +129,23 @@ def test_checkpoints_ls_shows_tiers_and_progress(tmp_path, monkeypatch, capsys):
     assert "k8s.io/ns/p/c" in rows[busy] and "[#####.....]  50%" in rows[busy]
     assert "retry 3" in rows[failing] and "unreachable" in rows[failing]
     assert "of 100.0 MiB" in out
+
+
+def test_doctor_checks_the_tiers(tmp_path, monkeypatch):
+    from kybernate.doctor import FAIL, PASS, WARN, check_tiers
+
+    for d in ("ram", "disk"):
+        (tmp_path / d).mkdir(mode=0o700)
+    path = _config(tmp_path, f'[checkpoint]\nstore = "{tmp_path / "disk"}"\n[store]\nram_dir = "{tmp_path / "ram"}"\n'
+                             f'state_dir = "{tmp_path / "state"}"\nregistry = "127.0.0.1:9/kyb/none"\n'
+                             'registry_plain_http = true\n')
+    monkeypatch.setenv("KYBERNATE_CONFIG", path)
+    Catalog(str(tmp_path / "state")).ensure().put_job(Job(id=new_id(), steps=(REGISTRY,)))
+    checks = {c.name: c for c in check_tiers()}
+    ram = checks["tier 1 (ram)"]
+    assert ram.status == (PASS if "tmpfs" in ram.detail else WARN)
+    assert checks["tier 2 (disk)"].status == PASS
+    assert checks["tier worker"].status == WARN and "no worker serves them" in checks["tier worker"].detail
+    assert checks["tier 3 (registry)"].status == FAIL and "unreachable" in checks["tier 3 (registry)"].detail
+    (tmp_path / "disk").chmod(0o777)
+    assert {c.name: c for c in check_tiers()}["tier 2 (disk)"].status == FAIL
