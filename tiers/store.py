@@ -170,6 +170,8 @@ class TierStore:
         tier = DISK
         if self.roots[RAM]:
             ok, why = self.has_room(RAM, estimate)
+            if not ok and self.make_room(RAM, estimate):
+                ok, why = self.has_room(RAM, estimate)
             if ok:
                 tier = RAM
         if tier == DISK and must_fit:
@@ -359,6 +361,34 @@ class TierStore:
         with self.catalog.lock():
             self.catalog.remove(rec.id)
         return gone
+
+    def make_room(self, tier: str, estimate: int, now: Optional[float] = None) -> list[Evicted]:
+        """Room for ``estimate`` more bytes under a capped tier's cap: its least recently used
+        images that a lower tier holds (and that were not used within min_idle_s) are evicted until
+        it fits, or none is when even all of them would not make enough room."""
+        cap = self.caps[tier]
+        if not cap or not self.roots[tier]:
+            return []
+        now = time.time() if now is None else now
+        lower = (DISK, REGISTRY) if tier == RAM else (REGISTRY,)
+        records = self.catalog.records()
+        used = self.used_bytes(tier, records)
+        candidates = sorted((r for r in records if r.holds(tier)
+                             and any(r.holds(t) for t in lower if t == REGISTRY or self.roots[t])
+                             and now - r.last_used >= self.node.store_min_idle_s), key=lambda r: (r.last_used, r.id))
+        if used - sum(r.bytes for r in candidates) + estimate > cap:
+            return []
+        out = []
+        for r in candidates:
+            if used + estimate <= cap:
+                break
+            self.drop_tier(r, tier)
+            used -= r.bytes
+            out.append(Evicted(r.id, tier, f"room for a new checkpoint of about {estimate >> 20} MiB under the "
+                                           f"{tier} tier's cap of {cap >> 20} MiB (least recently used)"))
+        for e in out:
+            log.info("checkpoint %s: evicted from the %s tier: %s", e.checkpoint_id, e.tier, e.why)
+        return out
 
     def evict(self, now: Optional[float] = None) -> list[Evicted]:
         """keep_last per container (older checkpoints removed from every tier), then each capped

@@ -388,7 +388,10 @@ def _tier_fallback(tiers, task: TaskHandle, image: str) -> str:
 
     if tiers.tier_of_path(image) != RAM or not tiers.roots[DISK]:
         return image
-    ok, why = tiers.has_room(RAM, memory_estimate(_init_pid(task)))
+    estimate = memory_estimate(_init_pid(task))
+    ok, why = tiers.has_room(RAM, estimate)
+    if not ok and tiers.make_room(RAM, estimate):   # LRU images a lower tier holds make way
+        ok, why = tiers.has_room(RAM, estimate)
     if ok:
         return image
     rel = os.path.relpath(os.path.realpath(image), os.path.realpath(tiers.roots[RAM]))

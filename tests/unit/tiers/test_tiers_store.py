@@ -236,3 +236,18 @@ def test_a_pull_no_tier_has_room_for_is_refused_before_anything_is_written(tier_
         b.locate(rec.id, "default", "")
     assert err.value.kind == "full" and rec.id in str(err.value) and "cap" in str(err.value), str(err.value)
     assert not list(b_dirs.rglob(rec.id)) and not list(b_dirs.rglob(".pull-*"))
+
+
+def test_a_new_checkpoint_evicts_from_tier_1_what_a_lower_tier_holds_to_stay_there(tier_node):
+    tiers = TierStore(tier_node(store_ram_cap_mib=7, store_registry=""))
+    old, _ = _checkpoint(tiers, name=("a",))
+    mid, _ = _checkpoint(tiers, name=("b",))
+    tiers.catalog.update(old.id, last_used=100.0)
+    tiers.catalog.update(mid.id, last_used=200.0)
+    pinned, p = _checkpoint(tiers, name=("c",))
+    assert p.tier == DISK, "nothing below tier 1 holds a or b yet: the new one goes to tier 2"
+    Worker(tiers).run_once(evict=False)
+    new, placed = _checkpoint(tiers, name=("d",))
+    assert placed.tier == RAM and placed.why == ""
+    assert not tiers.catalog.get(old.id).ram and tiers.catalog.get(mid.id).ram
+    assert tiers.locate(old.id, "default", "").tier == DISK
