@@ -11,6 +11,7 @@ does not give (500s, a connection cut mid-blob).
 """
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
 import json
@@ -131,6 +132,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         proxy.seen.append((self.command, self.path))
+        if proxy.bearer and self._bearer(proxy):
+            return
         status = proxy.fault(self.command, self.path) if proxy.fault else None
         if status:
             payload = json.dumps({"errors": [{"code": "INJECTED", "message": f"fault proxy answers {status}"}]}).encode()
@@ -142,6 +145,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         conn = http.client.HTTPConnection(proxy.registry.address, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        if proxy.bearer:   # the registry behind takes the proxy's own Basic credentials
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         conn.request(self.command, self.path, body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
@@ -158,14 +163,46 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
         conn.close()
 
+    def _reply(self, status: int, payload: bytes, headers: Optional[dict] = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def _bearer(self, proxy: "FaultProxy") -> bool:
+        """The token dance of hosted registries: /token trades Basic credentials for a token, /v2/
+        wants it as Bearer. True when answered here."""
+        auth = self.headers.get("Authorization") or ""
+        if self.path.startswith("/token"):
+            proxy.token_requests.append(self.path)
+            good = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+            if auth != good:
+                self._reply(401, b'{"errors": [{"code": "UNAUTHORIZED"}]}')
+            else:
+                self._reply(200, json.dumps({"token": proxy.token}).encode())
+            return True
+        if auth != f"Bearer {proxy.token}":
+            realm = f"http://{proxy.address}/token"
+            self._reply(401, b'{"errors": [{"code": "UNAUTHORIZED"}]}',
+                        {"WWW-Authenticate": f'Bearer realm="{realm}",service="kyb-test"'})
+            return True
+        return False
+
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = _forward
 
 
 class FaultProxy:
     """Forwards to a LocalRegistry; ``fault(method, path)`` returning a status answers that instead."""
 
-    def __init__(self, registry: LocalRegistry):
+    def __init__(self, registry: LocalRegistry, bearer: bool = False):
         self.registry = registry
+        self.bearer = bearer              # Bearer token auth in front (a token service at /token)
+        self.token = "tok-" + os.urandom(8).hex()
+        self.token_requests: list[str] = []
         self.fault: Optional[Callable[[str, str], Optional[int]]] = None
         self.seen: list[tuple[str, str]] = []
         self.server: Optional[http.server.ThreadingHTTPServer] = None

@@ -133,3 +133,24 @@ def test_a_corrupted_blob_is_refused(registry, tmp_path):
         pull(reg, image, str(out), 4)
     assert err.value.kind == "corrupt" and victim in str(err.value) and cid in str(err.value)
     assert list(out.iterdir()) == []
+
+
+def test_bearer_token_auth_of_hosted_registries(registry, tmp_path):
+    from tests.registry_support import FaultProxy
+
+    proxy = FaultProxy(registry, bearer=True).start()
+    try:
+        creds = load_credentials(str(registry.credentials_file))
+        reg = Registry(proxy.reference("kyb/bearer"), plain_http=True, credentials=creds)
+        img = make_image(tmp_path / (cid := new_id()))
+        pushed = push(reg, str(img), _record(cid), 1 << 20, 4)
+        assert pushed.sent_bytes == pushed.total_bytes
+        assert proxy.token_requests and "service=kyb-test" in proxy.token_requests[0]
+        assert "scope=repository%3Akyb%2Fbearer%3Apull%2Cpush" in proxy.token_requests[0]
+        assert inspect(reg, cid, ("default", "")).total_bytes == pushed.total_bytes
+        wrong = Registry(proxy.reference("kyb/bearer"), plain_http=True, credentials=Credentials("kyb", "nope"))
+        with pytest.raises(TierError) as err:
+            wrong.ping()
+        assert err.value.kind == "unauthorized" and "token service" in str(err.value)
+    finally:
+        proxy.stop()
