@@ -35,9 +35,9 @@ REGISTRY_BINARY = (os.environ.get("KYB_REGISTRY_BINARY") or shutil.which("docker
 USER, PASSWORD = "kyb", "kyb-test-password"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -48,7 +48,9 @@ def unavailable_reason() -> Optional[str]:
 
 
 class LocalRegistry:
-    def __init__(self, workdir: Path, auth: bool = True):
+    def __init__(self, workdir: Path, auth: bool = True, host: str = "127.0.0.1"):
+        """host: the address it listens on (127.0.0.1, or the host side of a test's own veth pair)."""
+        self.host = host
         self.workdir = Path(workdir) / "registry"
         self.data = self.workdir / "data"
         self.auth = auth
@@ -59,7 +61,7 @@ class LocalRegistry:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def reference(self, repository: str = "kyb/checkpoints") -> str:
         return f"{self.address}/{repository}"
@@ -67,7 +69,7 @@ class LocalRegistry:
     def start(self, port: int = 0) -> "LocalRegistry":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data.mkdir(exist_ok=True)
-        self.port = port or self.port or free_port()
+        self.port = port or self.port or free_port(self.host)
         auth = ""
         if self.auth:
             htpasswd = self.workdir / "htpasswd"

@@ -1,7 +1,10 @@
 """Checkpoint tiers across two nodes (issue 16): two containerd instances on this machine with their
-own roots, sockets, tier 1/2 dirs and tier state, sharing only a real registry (Debian's
-docker-registry, distribution 2.8, on 127.0.0.1 with Basic auth) and the cluster's seal key, in one
-containerd namespace (as two Kubernetes nodes share k8s.io).
+own roots, sockets, tier 1/2 dirs and tier state, each in its own network namespace (pyroute2: a veth
+pair per node, link-local addresses), sharing only a real registry (Debian's docker-registry,
+distribution 2.8, with Basic auth, listening on the host side of node A's pair; node B reaches it
+through its own pair) and the cluster's seal key, in one containerd namespace (as two Kubernetes
+nodes share k8s.io). Their shims, and their tier workers, talk to the registry from their node's
+network namespace.
 
 - a CPU counter checkpointed on node A by `kybernate checkpoint` lands in A's tier 1 with an id;
   A's worker (`kybernate store serve --once`) copies it to tier 2 and the registry; node B restores
@@ -13,6 +16,7 @@ containerd namespace (as two Kubernetes nodes share k8s.io).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,7 +29,7 @@ import pytest
 
 from tests.registry_support import LocalRegistry, unavailable_reason as registry_unavailable
 
-from .checkpoint_support import (RESTORE_ANNOTATION, audit_lines, bundle_dir, counting_past, hold_counter,
+from .checkpoint_support import (RESTORE_ANNOTATION, NetPair, audit_lines, bundle_dir, counting_past, hold_counter,
                                  log_counts, read_count, remove, run_counter, task_status, wait_until)
 from .conftest import _selected_versions
 from .harness import KYBERNATE_RUNTIME, VENV_BIN, Containerd, unavailable_reason
@@ -35,13 +39,18 @@ VERSION = (_selected_versions() or ["1.6"])[0]
 
 
 def kybernate(cd: Containerd, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(KYBERNATE), "--address", cd.address, "-n", cd.namespace, *args],
+    """`kybernate` as on the node: in its network namespace (the worker and pulls reach the registry
+    from there)."""
+    enter = ["nsenter", f"--net=/var/run/netns/{cd.netns}"] if cd.netns else []
+    return subprocess.run([*enter, str(KYBERNATE), "--address", cd.address, "-n", cd.namespace, *args],
                           capture_output=True, text=True, timeout=timeout, env=cd.env)
 
 
 class Node:
-    def __init__(self, name: str, workdir: Path, namespace: str, registry: LocalRegistry, seal_key: bytes | None):
-        self.cd = Containerd(VERSION, workdir, namespace=namespace)
+    def __init__(self, name: str, workdir: Path, namespace: str, registry: LocalRegistry, seal_key: bytes | None,
+                 net: NetPair):
+        self.net = net
+        self.cd = Containerd(VERSION, workdir, namespace=namespace, netns=net.name)
         self.ram = workdir / "ram"
         self.state = workdir / "tier-state"
         self.ram.mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -64,21 +73,30 @@ def nodes(tmp_path_factory):
         if reason:
             pytest.skip(reason)
     base = tmp_path_factory.mktemp("tiers")
-    registry = LocalRegistry(base).start()
     namespace = f"kybtest-mig-{secrets.token_hex(3)}"
-    a = Node("a", base / "node-a", namespace, registry, None)
-    b = Node("b", base / "node-b", namespace, registry, a.cd.seal_key)
-    started = []
-    try:
+    with contextlib.ExitStack() as stack:
+        net_a, net_b = stack.enter_context(NetPair()), stack.enter_context(NetPair())
+        _route(net_b, net_a.host_ip)   # node B reaches the registry through its own pair
+        registry = LocalRegistry(base, host=net_a.host_ip).start()
+        stack.callback(registry.stop)
+        a = Node("a", base / "node-a", namespace, registry, None, net_a)
+        b = Node("b", base / "node-b", namespace, registry, a.cd.seal_key, net_b)
         for node in (a, b):
+            stack.callback(node.cd.stop)
             node.cd.start()
-            started.append(node)
             node.cd.import_busybox()
+            own = os.stat(f"/var/run/netns/{node.net.name}").st_ino
+            assert os.stat(f"/proc/{node.cd.pid}/ns/net").st_ino == own != os.stat("/proc/self/ns/net").st_ino
         yield a, b, registry
-    finally:
-        for node in reversed(started):
-            node.cd.stop()
-        registry.stop()
+
+
+def _route(net: NetPair, address: str) -> None:
+    """A host route in ``net``'s namespace to one of the host's own addresses, through ``net``'s pair:
+    the host takes it as local traffic (no forwarding between the pairs)."""
+    from pyroute2 import NetNS
+
+    with NetNS(net.name) as ns:
+        ns.route("add", dst=f"{address}/32", gateway=net.host_ip)
 
 
 @pytest.fixture(scope="module")
