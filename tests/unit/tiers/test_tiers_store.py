@@ -251,3 +251,33 @@ def test_a_new_checkpoint_evicts_from_tier_1_what_a_lower_tier_holds_to_stay_the
     assert placed.tier == RAM and placed.why == ""
     assert not tiers.catalog.get(old.id).ram and tiers.catalog.get(mid.id).ram
     assert tiers.locate(old.id, "default", "").tier == DISK
+
+
+def test_checkpoints_push_pull_rm_commands(tier_node, tmp_path, monkeypatch, capsys):
+    from kybernate.cli import main
+
+    node = tier_node()
+    a = TierStore(node)
+    rec, _ = _checkpoint(a, mib=2)
+    config = tmp_path / "node-a.toml"
+    _write_node_config(config, node)
+    monkeypatch.setenv("KYBERNATE_CONFIG", str(config))
+    assert main(["checkpoints", "push", rec.id, "-q"]) == 0
+    assert "pushed " + rec.id in capsys.readouterr().out
+    assert a.catalog.get(rec.id).registry and a.catalog.job(rec.id).steps == (DISK,)   # the disk step still owed
+    b_dirs = tmp_path / "node-b"
+    for d in ("ram", "disk"):
+        (b_dirs / d).mkdir(parents=True, mode=0o700)
+    b_node = tier_node(store_ram_dir=str(b_dirs / "ram"), checkpoint_store=str(b_dirs / "disk"),
+                       store_state_dir=str(b_dirs / "state"))
+    config_b = tmp_path / "node-b.toml"
+    _write_node_config(config_b, b_node)
+    monkeypatch.setenv("KYBERNATE_CONFIG", str(config_b))
+    assert main(["checkpoints", "pull", rec.id, "-q"]) == 0
+    out = capsys.readouterr().out
+    assert f"{rec.id} pulled into the ram tier" in out and "GB/s" in out
+    assert list((b_dirs / "ram").rglob(rec.id))
+    assert main(["checkpoints", "rm", rec.id, "--keep-registry"]) == 0
+    assert not list((b_dirs / "ram").rglob(rec.id)) and TierStore(b_node).catalog.get(rec.id) is None
+    assert main(["checkpoints", "rm", rec.id]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
