@@ -50,7 +50,8 @@ class Node:
     def __init__(self, name: str, workdir: Path, namespace: str, registry: LocalRegistry, seal_key: bytes | None,
                  net: NetPair):
         self.net = net
-        self.cd = Containerd(VERSION, workdir, namespace=namespace, netns=net.name)
+        # no restore roots: what restores here is found through the tiers (or containerd's note into them)
+        self.cd = Containerd(VERSION, workdir, namespace=namespace, netns=net.name, restore_roots=[])
         self.ram = workdir / "ram"
         self.state = workdir / "tier-state"
         self.ram.mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -256,3 +257,27 @@ def test_kybernate_restore_by_id_on_the_node_that_made_it(nodes, migrated):
         assert "found in the ram tier" in a.cd.log_text()
     finally:
         remove(a.cd, "mig-cli")
+
+
+def test_ctr_container_checkpoint_and_restore_on_a_node_with_tiers(nodes):
+    """containerd's own flow on a tiers node: the image goes to tier 1 (a checkpoint id, registered),
+    containerd's copy holds the note, and `ctr c restore` follows it into tier 1."""
+    a, b, registry = nodes
+    cid, ref = "ctr-src", "kybtest/ctr-src:checkpoint"
+    run_counter(a.cd, cid, KYBERNATE_RUNTIME)
+    try:
+        assert counting_past(a.cd, cid, 2) is not None
+        before = {f for f in a.tier_files() if "/ctr-src/" in f}
+        a.cd.ctr("containers", "checkpoint", "--task", "--rw", cid, ref, timeout=120)
+        made = [f for f in a.tier_files() if "/ctr-src/" in f and f not in before and f.count("/") == 3]
+        assert len(made) == 1, made
+        at_checkpoint = read_count(a.cd, cid)
+        remove(a.cd, cid)
+        a.cd.ctr("containers", "restore", "--live", "--rw", cid, ref, timeout=120)
+        assert wait_until(lambda: task_status(a.cd, cid) == "RUNNING", 10)
+        first = wait_until(lambda: (lambda n: n if n > 0 else None)(read_count(a.cd, cid)), 10)
+        assert first is not None and first >= at_checkpoint
+        assert counting_past(a.cd, cid, first, 10) is not None
+    finally:
+        remove(a.cd, cid)
+        a.cd.ctr("images", "rm", ref, check=False)
