@@ -26,10 +26,6 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-with warnings.catch_warnings():  # deprecated (gone in 3.13): bcrypt for htpasswd, which distribution requires
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import crypt
-
 REGISTRY_BINARY = (os.environ.get("KYB_REGISTRY_BINARY") or shutil.which("docker-registry")
                    or "/usr/bin/docker-registry")   # KYB_REGISTRY_BINARY: a copy carried to a machine without apt
 USER, PASSWORD = "kyb", "kyb-test-password"
@@ -39,6 +35,23 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _crypt():
+    """The deprecated crypt module (gone in Python 3.13): bcrypt for htpasswd, which distribution
+    requires; None where this Python has none."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import crypt
+        except ImportError:
+            return None
+    return crypt if getattr(crypt, "METHOD_BLOWFISH", None) in getattr(crypt, "methods", ()) else None
+
+
+def has_basic_auth() -> bool:
+    """Whether LocalRegistry(auth=True) can run here (bcrypt for its htpasswd file)."""
+    return _crypt() is not None
 
 
 def unavailable_reason() -> Optional[str]:
@@ -73,6 +86,9 @@ class LocalRegistry:
         auth = ""
         if self.auth:
             htpasswd = self.workdir / "htpasswd"
+            crypt = _crypt()
+            if crypt is None:
+                raise RuntimeError("no bcrypt in this Python (crypt): start LocalRegistry(auth=False)")
             salt = crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 4)
             htpasswd.write_text(f"{USER}:{crypt.crypt(PASSWORD, salt)}\n")
             auth = f"auth:\n  htpasswd:\n    realm: kybernate-test\n    path: {htpasswd}\n"

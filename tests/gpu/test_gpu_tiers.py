@@ -23,7 +23,7 @@ import pytest
 from tests.gpu.test_gpu_containers import (  # noqa: F401 - env is a fixture, used by name
     GiB, MiB, OUT, RESTORE_ANNOTATION, SCRATCH, SKIP, GpuContainer, assert_running_intact, env, grpc_checkpoint,
     ticks, timed)
-from tests.registry_support import LocalRegistry, unavailable_reason
+from tests.registry_support import LocalRegistry, has_basic_auth, unavailable_reason
 
 REGISTRY_SKIP = unavailable_reason()
 pytestmark = pytest.mark.skipif(SKIP is not None or REGISTRY_SKIP is not None, reason=SKIP or REGISTRY_SKIP or "")
@@ -50,11 +50,13 @@ def test_gpu_checkpoint_in_the_registry_restores_with_every_byte(env, tmp_path):
     from tiers.worker import Worker
 
     results: dict = {}
-    registry = LocalRegistry(tmp_path).start()
+    registry = LocalRegistry(tmp_path, auth=has_basic_auth()).start()
     ram = SCRATCH / f"kyb-tier1-{secrets.token_hex(3)}"
     ram.mkdir(mode=0o700)
     store = {"ram_dir": str(ram), "state_dir": str(tmp_path / "tier-state"), "registry": registry.reference("kyb/gpu"),
-             "registry_plain_http": True, "credentials_file": str(registry.credentials_file), "min_idle_s": 0}
+             "registry_plain_http": True, "min_idle_s": 0}
+    if registry.auth:
+        store["credentials_file"] = str(registry.credentials_file)
     try:
         with env.cd.node_config(store=store) as config_path:
             tiers = TierStore(NodeConfig.load(path=str(config_path)))
