@@ -202,6 +202,30 @@ def default_image_dir(store: str, scope) -> Path:
     return Path(parent) / new_checkpoint_id(parent)
 
 
+def tier_image_dir(tiers, scope) -> Path:
+    """A new checkpoint id in the container's scope of tier 1 (tier 2 when the node has no RAM tier);
+    the shim moves it to tier 2 when tier 1 has no room for it."""
+    from tiers import DISK, RAM
+    from tiers.ids import new_id
+    from shim.policy.store import make_dirs
+
+    root = tiers.roots[RAM] or tiers.roots[DISK]
+    try:
+        parent = make_dirs(root, [scope.containerd_namespace, scope.pod_namespace or "_", *scope.name])
+    except OSError as exc:
+        raise OperatorError(f"cannot make the tier directory under {root}: {exc.strerror or exc}") from None
+    return Path(parent) / new_id()
+
+
+def tier_fallback_dir(tiers, image_dir: Path):
+    from tiers import DISK, RAM
+
+    if not tiers.roots[RAM] or tiers.tier_of_path(str(image_dir)) != RAM:
+        return None
+    rel = os.path.relpath(os.path.realpath(image_dir.parent), os.path.realpath(tiers.roots[RAM]))
+    return Path(tiers.roots[DISK]) / rel / image_dir.name
+
+
 def restore_name(source: Path, store: str, scope) -> str:
     """What kybernate.io/restore-from says for ``source``: its name in the scope when it is there,
     else the path (the shim takes it only beneath the node's restore_roots)."""
@@ -238,8 +262,13 @@ def checkpoint(args) -> int:
         if args.cri_archive:
             return _checkpoint_cri(client, target, Path(args.cri_archive).absolute(), args)
         in_store = not args.image_path
+        tiers = None
         if in_store:
-            image_dir = default_image_dir(checkpoint_store(), scope_of(target.namespace, target.id, container))
+            from .store_cmd import tier_store
+            tiers = tier_store(required=False)
+            scope = scope_of(target.namespace, target.id, container)
+            image_dir = (tier_image_dir(tiers, scope) if tiers is not None
+                         else default_image_dir(checkpoint_store(), scope))
         else:
             image_dir = Path(args.image_path).absolute()
         if image_dir.exists() and (not image_dir.is_dir() or any(image_dir.iterdir())):
@@ -254,6 +283,11 @@ def checkpoint(args) -> int:
                 _remove_if_empty(image_dir)
                 raise OperatorError(f"checkpoint of {target} failed: {describe_rpc_error(exc)}") from None
             note = " (containerd 1.x could not store its empty scratch copy: harmless, the image is whole)"
+    if tiers is not None and not image_dir.exists():
+        moved = tier_fallback_dir(tiers, image_dir)
+        if moved is not None and moved.exists():
+            note += " (tier 1 full: the shim put it in tier 2)"
+            image_dir = moved
     from criu import CriuImageError, validate_image_dir
     try:
         validate_image_dir(image_dir)
@@ -267,8 +301,12 @@ def checkpoint(args) -> int:
     if not is_sealed(image_dir):
         print(f"warning: {image_dir} is not sealed (the node has no seal key, see docs/security.md): a node "
               "that requires sealed images (the default) refuses to restore it", file=sys.stderr)
+    if tiers is not None:
+        tier = tiers.tier_of_path(str(image_dir)) or "?"
+        print(f"checkpoint id {image_dir.name} (in the {tier} tier; the tier worker copies it down)")
     if args.exit:
-        hint = (f"kybernate restore {args.target} --from {image_dir}" if target.kubernetes or not in_store
+        hint = (f"kybernate restore {args.target} --from {image_dir.name}" if tiers is not None else
+                f"kybernate restore {args.target} --from {image_dir}" if target.kubernetes or not in_store
                 else f"kybernate -n {target.namespace} restore {target.id}")
         print(f"restore with: {hint}")
     return 0
@@ -359,13 +397,19 @@ def restore(args) -> int:
         return _restore_cri(args, target)
     new_id = args.new_id or target.id
     store = checkpoint_store()
+    from tiers.ids import is_id
+
+    by_id = bool(args.from_) and is_id(args.from_)
     with Containerd(args.address) as client:
         template = client.container(target.namespace, target.id)
-        source = (Path(args.from_).absolute() if args.from_
-                  else latest_checkpoint(store, scope_of(target.namespace, target.id, template)))
-        if not (source / "inventory.img").exists():
-            raise OperatorError(f"{source} is not a CRIU checkpoint directory (no inventory.img)")
-        _warn_unsealed(source)
+        if by_id:
+            source = args.from_   # the shim finds it in the node's tiers (pulling from the registry)
+        else:
+            source = (Path(args.from_).absolute() if args.from_
+                      else latest_checkpoint(store, scope_of(target.namespace, target.id, template)))
+            if not (source / "inventory.img").exists():
+                raise OperatorError(f"{source} is not a CRIU checkpoint directory (no inventory.img)")
+            _warn_unsealed(source)
         image = args.image or (template.image if template is not None else "")
         if not image:
             raise OperatorError(f"container {target} is gone: name its image with --image")
@@ -385,7 +429,7 @@ def restore(args) -> int:
         _ctr(args, "task", "delete", new_id, check=False)
         _ctr(args, "containers", "delete", new_id)
     # the restored container is a plain containerd one: its scope is <store>/<ns>/_
-    name = restore_name(source, store, scope_of(target.namespace, new_id))
+    name = source if by_id else restore_name(source, store, scope_of(target.namespace, new_id))
     run = ["run", "-d", "--runtime", RUNTIME_TYPE, "--annotation", f"{RESTORE_ANNOTATION}={name}"]
     namespaces = [n.get("type") for n in spec.get("linux", {}).get("namespaces", [])] if spec else ["network"]
     if "network" not in namespaces or args.net_host:
@@ -416,11 +460,14 @@ def _restore_cri(args, target: Target) -> int:
         raise OperatorError("a Kubernetes restore needs --from (a checkpoint directory or a CRI archive)", 2)
     if not target.container:
         raise OperatorError("name the container: NAMESPACE/POD/CONTAINER", 2)
-    source = Path(args.from_).absolute()
-    archive = source.is_file()
-    if not archive and not (source / "inventory.img").exists():
+    from tiers.ids import is_id
+
+    by_id = is_id(args.from_)
+    source = Path(args.from_) if by_id else Path(args.from_).absolute()
+    archive = not by_id and source.is_file()
+    if not by_id and not archive and not (source / "inventory.img").exists():
         raise OperatorError(f"{source} is neither a CRI checkpoint archive nor a CRIU checkpoint directory")
-    if not archive:
+    if not archive and not by_id:
         _warn_unsealed(source)
     with Containerd(args.address) as client:
         rt = client.cri
@@ -460,7 +507,8 @@ def _restore_cri(args, target: Target) -> int:
             from shim.policy.store import Scope
 
             scope = Scope(CRI_NAMESPACE, target.pod_namespace, (target.pod, target.container))
-            config.annotations[RESTORE_ANNOTATION] = restore_name(source, checkpoint_store(), scope)
+            config.annotations[RESTORE_ANNOTATION] = (args.from_ if by_id else
+                                                       restore_name(source, checkpoint_store(), scope))
         sandbox_config = cri.PodSandboxConfig(metadata=status.metadata, labels=dict(status.labels),
                                               annotations=dict(status.annotations))
         if status.HasField("linux") and status.linux.HasField("namespaces"):

@@ -69,12 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=_positive, default=None, help="give up after this many seconds")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
-    ls = sub.add_parser("checkpoints", help="list the node's checkpoint store; prune abandoned half images",
+    ls = sub.add_parser("checkpoints", help="list, remove, push and pull checkpoints; prune abandoned half images",
                         description="List every checkpoint in the node's store with its status: complete, "
                                     "in-progress, abandoned (its shim was killed: a half image) or "
-                                    "incomplete. `prune` removes the abandoned ones.")
-    ls.add_argument("action", nargs="?", choices=("ls", "prune"), default="ls")
+                                    "incomplete, and on a node with tiers ([store]) every checkpoint of the "
+                                    "tier catalog with its size, tiers and pending copies. `prune` removes the "
+                                    "abandoned ones; `rm ID`, `push ID`, `pull ID` act on one checkpoint id.")
+    ls.add_argument("action", nargs="?", choices=("ls", "prune", "rm", "push", "pull"), default="ls")
+    ls.add_argument("id", nargs="?", metavar="ID", help="checkpoint id (rm, push, pull)")
+    ls.add_argument("--keep-registry", action="store_true", help="rm: leave the registry's copy")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    st = sub.add_parser("store", help="the node's checkpoint tier worker",
+                        description="`serve`: copy checkpoints down the tiers (RAM -> disk -> registry), retry, "
+                                    "resume after a crash, evict by LRU and keep_last ([store] in the node config).")
+    st.add_argument("action", choices=("serve",))
+    st.add_argument("--once", action="store_true", help="one round of due jobs and eviction, then exit")
+    st.add_argument("--poll", type=_positive, default=1.0, help="seconds between rounds (default 1)")
 
     r = sub.add_parser("restore", help="restore a container from a checkpoint",
                        description="Restore a checkpoint through the shim's kybernate.io/restore-from "
@@ -82,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "container of that id, or as --new-id), a Kubernetes container with "
                                    "CRI CreateContainer/StartContainer in its running pod.")
     r.add_argument("target", metavar="TARGET", help="container id, or NAMESPACE/POD/CONTAINER")
-    r.add_argument("--from", dest="from_", metavar="PATH",
-                   help="checkpoint directory (or CRI archive); default for containerd ids: the newest "
+    r.add_argument("--from", dest="from_", metavar="PATH|ID",
+                   help="checkpoint id (served by the node's tiers, pulled from the registry when no local "
+                        "tier holds it), checkpoint directory (or CRI archive); default for containerd ids: the newest "
                         "in the node's checkpoint store (<store>/<ns>/_/<id>). One outside the store "
                         "restores only from beneath the node config's checkpoint.restore_roots")
     r.add_argument("--new-id", help="containerd ids: restore as this new container id")
@@ -111,8 +124,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from kybernate import ps
             return ps.main(args)
         if args.command == "checkpoints":
-            from kybernate import checkpoints
+            from kybernate import checkpoints, store_cmd
+            if args.action in ("rm", "push", "pull"):
+                if not args.id:
+                    raise OperatorError(f"`kybernate checkpoints {args.action}` needs a checkpoint ID", 2)
+                return getattr(store_cmd, args.action)(args)
+            if args.action == "ls" and store_cmd.tier_store(required=False) is not None:
+                store_cmd.ls(args)   # the tiers' catalog first, then the store's directories
+                if args.json:
+                    return 0
+                print()
             return checkpoints.main(args)
+        if args.command == "store":
+            from kybernate import store_cmd
+            return store_cmd.serve(args)
         args.namespace = args.namespace or "default"
         from kybernate import checkpoint
         if args.command == "checkpoint":

@@ -444,6 +444,102 @@ def check_store() -> Check:
     return Check("checkpoint store", PASS, detail)
 
 
+def _fs_type(path: str) -> str:
+    """The filesystem type of the mount holding ``path`` (longest mount point prefix in /proc/self/mounts)."""
+    best, kind = "", ""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mnt = fields[1].replace("\\040", " ")
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, kind = mnt, fields[2]
+    except OSError:
+        return ""
+    return kind
+
+
+def check_tiers() -> list[Check]:
+    """The node's checkpoint tiers ([store]): each directory root's alone, tier 1 in RAM, the state
+    dir, the registry reachable with the node's credentials, a worker serving the queue."""
+    import fcntl
+
+    from kybernate.checkpoints import human
+    from shim.policy.node import NodeConfig, NodeConfigError
+    from shim.policy.store import StoreError, check_store_root
+
+    try:
+        node = NodeConfig.load()
+    except NodeConfigError as exc:
+        return [Check("checkpoint tiers", FAIL, str(exc), "fix the node config file", (CPU,), "node config refused")]
+    if not node.tiers:
+        return [Check("checkpoint tiers", INFO, "off (node config [store] ram_dir and registry unset): checkpoints "
+                                                "stay where they are written", "", ())]
+    from tiers.store import TierStore
+
+    store = TierStore(node)
+    checks = []
+    for tier in ("ram", "disk"):
+        root = store.roots[tier]
+        if not root:
+            continue
+        name = f"tier {1 if tier == 'ram' else 2} ({tier})"
+        try:
+            check_store_root(root)
+        except StoreError as exc:
+            checks.append(Check(name, FAIL, exc.reason, f"mkdir -m 0700 {root} (owned by root)", (CPU,),
+                                f"{tier} tier unusable"))
+            continue
+        fs = _fs_type(root)
+        cap = store.caps[tier]
+        used = store.used_bytes(tier)
+        detail = f"{root} ({fs or '?'}), {human(used)} used" + (f" of {human(cap)}" if cap else ", no cap")
+        if tier == "ram" and fs not in ("tmpfs", "ramfs"):
+            checks.append(Check(name, WARN, detail + ": not a tmpfs, tier 1 is no faster than disk",
+                                f"mount -t tmpfs -o size=...,mode=0700 tmpfs {root}", ()))
+        else:
+            checks.append(Check(name, PASS, detail))
+    try:
+        store.catalog.ensure()
+        lock = os.open(os.path.join(node.store_state_dir, "worker.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        checks.append(Check("tier state", FAIL, f"{node.store_state_dir}: {exc.strerror or exc}", "", (CPU,)))
+        return checks
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        serving = False
+    except OSError:
+        serving = True
+    finally:
+        os.close(lock)
+    jobs = store.catalog.jobs()
+    failing = [j for j in jobs if j.last_error]
+    detail = f"{node.store_state_dir}: {len(store.catalog.records())} checkpoint(s), {len(jobs)} copy job(s) pending"
+    if failing:
+        detail += f", {len(failing)} failing (last: {failing[0].id}: {failing[0].last_error[:120]})"
+    if not serving and jobs:
+        checks.append(Check("tier worker", WARN, detail + "; no worker serves them",
+                            "run `kybernate store serve` (systemd unit or the installer's DaemonSet)", ()))
+    else:
+        checks.append(Check("tier worker", WARN if failing else PASS,
+                            detail + ("; a worker serves them" if serving else ""), "", ()))
+    if node.store_registry:
+        from tiers import TierError
+
+        try:
+            reg = store.registry()
+            reg.timeout = 5.0
+            reg.ping()
+            checks.append(Check("tier 3 (registry)", PASS, f"{reg} answers, credentials accepted"))
+        except TierError as exc:
+            checks.append(Check("tier 3 (registry)", FAIL, exc.why, "check [store] registry, registry_plain_http "
+                                "and credentials_file", (), "registry unusable"))
+    return checks
+
+
 def run_checks(env: DoctorEnv) -> Result:
     checks: list[Check] = []
     c, version, containerd_path = check_containerd(env)
@@ -454,6 +550,7 @@ def run_checks(env: DoctorEnv) -> Result:
     checks.append(check_shim(env, containerd_path))
     checks.append(check_runc(env))
     checks.append(check_store())
+    checks += check_tiers()
     criu_checks, criu_path = check_criu(env)
     checks += criu_checks
     checks.append(check_cgroup(env))

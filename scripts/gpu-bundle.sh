@@ -2,7 +2,8 @@
 # Build .gpu-bundle/kyb-gpu.tar.xz: everything the GPU test machine lacks (it has no package registry and
 # no containerd, runc or CRIU), built here on bookworm, compressed to fit the device's 64 MiB transfer.
 # tests/gpu/device-setup.sh unpacks it there. Contents:
-#   bin/      containerd 1.6, ctr, containerd-shim-runc-v2, runc, criu (+ criu.real), busybox
+#   bin/      containerd 1.6, ctr, containerd-shim-runc-v2, runc, criu (+ criu.real), busybox,
+#             docker-registry (distribution 2.8, links glibc only: the checkpoint tiers' GPU test)
 #   lib/      the shared libraries runc and CRIU link that a stock Ubuntu may lack
 #   wheels/   cffi, pycparser, pyroute2, grpcio (+ typing_extensions) for the device's Python 3.12
 #   images/   OCI archive of the CUDA workload image (busybox + workload + the glibc libcuda needs)
@@ -19,6 +20,8 @@ CRIU_BIN=${CRIU_BIN:-/usr/local/sbin/criu}
 [ -x "$CRIU_BIN" ] || { echo "gpu-bundle: $CRIU_BIN missing (scripts/build-criu.sh)" >&2; exit 1; }
 
 cp /usr/bin/containerd /usr/bin/ctr /usr/bin/containerd-shim-runc-v2 /usr/sbin/runc /bin/busybox "$STAGE/bin/"
+need docker-registry
+cp /usr/bin/docker-registry "$STAGE/bin/"
 cp "$CRIU_BIN" "$STAGE/bin/criu.real"
 # runc calls `criu` by name; the wrapper points the loader at the carried libraries for CRIU alone.
 cat > "$STAGE/bin/criu" <<'EOF'

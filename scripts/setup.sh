@@ -2,7 +2,8 @@
 # Developer/CI set-up for Kybernate on a Debian bookworm host, as root. Idempotent: every step first
 # checks whether its result is already in place and skips itself if so.
 #
-#   1. bookworm packages: containerd 1.6, runc 1.1, busybox-static, build tools, Go proto sources
+#   1. bookworm packages: containerd 1.6, runc 1.1, busybox-static, build tools, Go proto sources,
+#      docker-registry (distribution 2.8: the checkpoint tiers' tests start one on 127.0.0.1)
 #   2. containerd 1.7 (trixie), containerd 2.1 and runc 1.3 (sid): .debs downloaded through a private,
 #      temporary apt configuration and unpacked with `dpkg -x` under /opt/kybernate-deps
 #      (never installed; the system's apt sources and lists stay untouched)
@@ -27,13 +28,18 @@ t_all=$(now)
 SYSTEM_PACKAGES=(containerd runc iptables busybox-static python3-venv python3-dev gcc make git psmisc
                  iproute2 ca-certificates xz-utils patchelf
                  golang-github-containerd-containerd-dev golang-github-containerd-ttrpc-dev
-                 golang-github-gogo-protobuf-dev)
+                 golang-github-gogo-protobuf-dev docker-registry)
 t0=$(now)
 if [ -z "$(missing_packages "${SYSTEM_PACKAGES[@]}")" ]; then
     note "bookworm packages: all present"
 else
     apt_install "${SYSTEM_PACKAGES[@]}"
     say "bookworm packages ($(elapsed "$t0"))"
+fi
+# docker-registry (CNCF distribution 2.8) is for the tier tests, which start their own on 127.0.0.1: the
+# package's own service (every address, port 5000) is not wanted where systemd would start it
+if [ -d /run/systemd/system ] && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+    systemctl disable --now docker-registry >/dev/null 2>&1 && say "docker-registry: its system service disabled"
 fi
 
 # ---- 2. containerd 1.7 / 2.1, runc 1.3 from newer suites, unpacked only ------------------------

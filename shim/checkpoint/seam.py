@@ -65,6 +65,7 @@ async def prepare_create(req, spec: dict, options: Any, bundle: str, node: Optio
     settings = CheckpointSettings.from_pod(untrusted.checkpoint_settings(spec, node, cid, namespace), options)
     verify = functools.partial(seal.check_restore, node=node, container_id=cid, namespace=namespace, spec=spec)
     profile = profile if profile is not None else StageProfile("restore", cid)
+    locate = functools.partial(_locate_by_id, node=node, container_id=cid, namespace=namespace) if node.tiers else None
     if req.checkpoint:   # containerd's own (a trusted client's): wins over what the spec asks
         with profile.stage("create.resolve+seal"):
             source = await asyncio.to_thread(containerd_checkpoint_source, req.checkpoint, settings, node, cid,
@@ -72,12 +73,43 @@ async def prepare_create(req, spec: dict, options: Any, bundle: str, node: Optio
     elif _asks_for_restore(spec):
         with profile.stage("create.resolve+seal"):
             source = await asyncio.to_thread(untrusted.pod_restore_source, spec, settings.scope, node, cid,
-                                             namespace, image_problem, verify)
+                                             namespace, image_problem, verify, locate)
     else:
         source = None
     settings = dataclasses.replace(settings, restore=source)
     prepare_bundle(bundle, spec, settings, cid)
     return settings, source.path if source else ""
+
+
+#: TierError kind -> the code a pod's Create fails with
+_TIER_CODES = {"malformed": Code.INVALID_ARGUMENT, "unknown": Code.NOT_FOUND, "foreign-scope": Code.PERMISSION_DENIED,
+               "unreachable": Code.UNAVAILABLE, "server-error": Code.UNAVAILABLE, "unauthorized": Code.FAILED_PRECONDITION,
+               "not-found": Code.NOT_FOUND, "missing-blob": Code.DATA_LOSS, "corrupt": Code.DATA_LOSS,
+               "full": Code.RESOURCE_EXHAUSTED, "io": Code.UNAVAILABLE, "refused": Code.UNAVAILABLE,
+               "config": Code.FAILED_PRECONDITION}
+
+
+def _locate_by_id(value: str, scope: store.Scope, key: str, *, node: NodeConfig, container_id: str,
+                  namespace: str) -> Optional[tuple[str, str]]:
+    """`untrusted.IdLocator` over the node's tiers: a checkpoint id is looked up in the catalog and
+    the directory tiers of the container's own scope, then in the registry (pulled into tier 1 or
+    2, every blob checked against its digest); the seal and the image check follow where the store's
+    resolution opens it. An id the tiers cannot serve is refused naming the id and the tier (an
+    audit line); a value that is no id is left to the store's name resolution."""
+    from tiers import TierError
+    from tiers.ids import is_id
+    from tiers.store import TierStore
+
+    if not is_id(value):
+        return None
+    try:
+        found = TierStore(node).locate(value, scope.containerd_namespace, scope.pod_namespace)
+    except TierError as exc:
+        raise refuse(_TIER_CODES.get(exc.kind, Code.UNAVAILABLE), container_id, key, value, str(exc),
+                     action="restore", namespace=namespace) from None
+    log.info("container %s: checkpoint %s %s the %s tier", container_id, value,
+             "pulled into" if found.pulled else "found in", found.tier)
+    return found.root, found.name
 
 
 def _asks_for_restore(spec: Mapping) -> bool:
@@ -209,8 +241,13 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     cid = task.id
     opts = _checkpoint_options(request, cid)
     wanted = settings.merged(opts)
+    tier_store = _tier_store(cid)
     if wanted["image_path"]:
         image, _ = _requested_dir(task, "image_path", wanted["image_path"])
+        if tier_store is not None:
+            image = await asyncio.to_thread(_tier_fallback, tier_store, task, image)
+    elif tier_store is not None and not settings.image_root:
+        image = await asyncio.to_thread(_tier_place, tier_store, task, settings)
     else:
         try:
             image = settings.image_dir("", request.path, task.namespace, cid)
@@ -286,6 +323,13 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
               "options": {f: getattr(plan, f) for f in ("open_tcp", "external_unix_sockets", "terminal",
                                                          "file_locks", "cgroups_mode")}}
     record["options"]["empty_namespaces"] = list(plan.empty_namespaces)
+    diff = None
+    tier_s = 0.0
+    if tier_store is not None:  # the writable layer travels with the image (before the seal: it covers it)
+        t0 = time.monotonic()
+        with profile.stage("tiers.rootfs"):
+            diff = await asyncio.to_thread(_capture_rootfs, task, plan.image_path)
+        tier_s += time.monotonic() - t0
     record["profile"] = profile.as_dict()  # up to here: the seal and its marker come after
     clear_in_progress(plan.image_path)
     with profile.stage("complete"):
@@ -302,9 +346,132 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     # thread, as it reads the whole image
     with profile.stage("seal"):
         await asyncio.to_thread(seal.seal_checkpoint, task, plan.image_path, seal_key, known)
+    if tier_store is not None:
+        t0 = time.monotonic()
+        with profile.stage("tiers.register"):
+            await asyncio.to_thread(_register, tier_store, task, settings, plan.image_path, diff is not None)
+        tier_s += time.monotonic() - t0
+        log.info("container %s: the tiers' own work (rootfs diff %s, catalog, job) took %.3fs", cid,
+                 f"of {diff} entries" if diff is not None else "none", tier_s)
     log.info("container %s: checkpoint to %s done in %.3fs", cid, plan.image_path, elapsed)
     log.info("%s", profile.line())
     return plan.image_path
+
+
+# ---- the node's checkpoint tiers (`tiers`) -----------------------------------------------------
+def _tier_store(container_id: str):
+    """The node's tier store, or None when the node keeps no tiers ([store] ram_dir and registry
+    unset): then checkpoints go where they always went."""
+    try:
+        node = NodeConfig.load()
+    except NodeConfigError as exc:
+        raise TTRPCError(Code.FAILED_PRECONDITION, f"checkpoint container {container_id}: {exc}") from exc
+    if not node.tiers:
+        return None
+    from tiers.store import TierStore
+
+    return TierStore(node)
+
+
+def _scope(task: TaskHandle, settings: CheckpointSettings) -> store.Scope:
+    return settings.scope or store.Scope(task.namespace, "", (task.id,))
+
+
+def memory_estimate(pid: int) -> int:
+    """About how many bytes a dump of the task will write: its cgroup's anonymous and shared memory
+    (memory.stat: v2 anon + shmem, v1 total_rss + total_shmem), plus a little; 0 when unknown. A GPU
+    task's VRAM is not in it (its dump holds it too)."""
+    from shim.cgroups.cgroup import Cgroup, CgroupError
+
+    try:
+        mem = Cgroup.for_pid(pid).memory_dir()
+        text = (mem / "memory.stat").read_text() if mem is not None else ""
+    except (CgroupError, OSError, ValueError):
+        return 0
+    stats = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if v.strip().isdigit():
+            stats[k] = int(v)
+    total = (stats.get("anon", 0) + stats.get("shmem", 0)) if "anon" in stats else \
+        (stats.get("total_rss", stats.get("rss", 0)) + stats.get("total_shmem", stats.get("shmem", 0)))
+    return int(total * 1.05) + (1 << 20) if total else 0
+
+
+def _init_pid(task: TaskHandle) -> int:
+    try:
+        return task.init_pid()
+    except Exception:  # noqa: BLE001 - no pid, no estimate
+        return 0
+
+
+def _tier_place(tiers, task: TaskHandle, settings: CheckpointSettings) -> str:
+    """A new checkpoint with no place asked for: a new id in tier 1 when it has room, else tier 2."""
+    from tiers.ids import new_id
+
+    scope = _scope(task, settings)
+    placed = tiers.place(scope.containerd_namespace, scope.pod_namespace, scope.name, new_id(),
+                         memory_estimate(_init_pid(task)))
+    if placed.why:
+        log.warning("container %s: %s (%s)", task.id, placed.why, placed.path)
+    return placed.path
+
+
+def _tier_fallback(tiers, task: TaskHandle, image: str) -> str:
+    """An image_path in tier 1 (as `kybernate checkpoint` names one) that tier 1 has no room for:
+    the same name in tier 2, said in the log (kybernate looks for it in both)."""
+    from tiers import DISK, RAM
+
+    if tiers.tier_of_path(image) != RAM or not tiers.roots[DISK]:
+        return image
+    estimate = memory_estimate(_init_pid(task))
+    ok, why = tiers.has_room(RAM, estimate)
+    if not ok and tiers.make_room(RAM, estimate):   # LRU images a lower tier holds make way
+        ok, why = tiers.has_room(RAM, estimate)
+    if ok:
+        return image
+    rel = os.path.relpath(os.path.realpath(image), os.path.realpath(tiers.roots[RAM]))
+    parts = rel.split("/")
+    try:
+        parent = store.make_dirs(tiers.roots[DISK], parts[:-1])
+    except (OSError, ValueError) as exc:
+        log.warning("container %s: tier 1 is full (%s) and tier 2 cannot take it (%s): tier 1 it is", task.id, why, exc)
+        return image
+    moved = os.path.join(parent, parts[-1])
+    if os.path.lexists(moved):
+        return image
+    log.warning("container %s: tier 1 full: %s; the checkpoint goes to tier 2 (%s)", task.id, why, moved)
+    return moved
+
+
+def _capture_rootfs(task: TaskHandle, image_dir: str) -> Optional[int]:
+    from shim.checkpoint import rootfs_diff
+
+    try:
+        return rootfs_diff.capture(_rootfs_of(task.bundle, task.spec), image_dir, task.id)
+    except (OSError, ValueError) as exc:
+        log.warning("container %s: cannot capture its rootfs diff: %s (the checkpoint restores only where the "
+                    "image's filesystem is enough)", task.id, exc)
+        try:
+            os.unlink(os.path.join(image_dir, rootfs_diff.ARCHIVE_NAME))
+        except OSError:
+            pass
+        return None
+
+
+def _register(tiers, task: TaskHandle, settings: CheckpointSettings, image_dir: str, diff: bool) -> None:
+    """The whole, sealed image into the catalog, its copies down queued for the node's worker. A
+    failure here leaves a good checkpoint that nothing moves: said loudly, the checkpoint stands."""
+    scope = _scope(task, settings)
+    try:
+        rec = tiers.register(image_dir, scope.containerd_namespace, scope.pod_namespace, scope.name, task.id, diff)
+    except (OSError, ValueError) as exc:
+        log.error("container %s: checkpoint %s is whole but not in the tier catalog (%s): the tier worker will "
+                  "not copy it down", task.id, image_dir, exc)
+        return
+    if rec is not None:
+        log.info("container %s: checkpoint %s in the %s tier (%d bytes), copies down queued", task.id, rec.id,
+                 rec.tiers[0] if rec.tiers else "?", rec.bytes)
 
 
 async def restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings: CheckpointSettings, *,
@@ -332,12 +499,30 @@ async def restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings:
             os.close(image_fd)
 
 
+def _apply_rootfs(task: TaskHandle, image: str) -> None:
+    """The checkpoint's rootfs diff (if it carries one) into the new container's rootfs, before
+    CRIU opens the files the restored processes had open."""
+    import tarfile
+
+    from shim.checkpoint import rootfs_diff
+
+    try:
+        n = rootfs_diff.apply(image, _rootfs_of(task.bundle, task.spec), task.id)
+    except (OSError, rootfs_diff.RootfsDiffError, tarfile.TarError) as exc:
+        raise TTRPCError(Code.FAILED_PRECONDITION, f"restore container {task.id}: cannot apply the checkpoint's "
+                                                   f"{rootfs_diff.ARCHIVE_NAME}: {exc}") from exc
+    if n:
+        log.info("container %s: applied %d entries of the checkpoint's rootfs diff", task.id, n)
+
+
 async def _restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings: CheckpointSettings, *,
                    stdio: Any, console_socket: Optional[str], terminal: bool, no_pivot: bool,
                    profile: StageProfile) -> int:
     from criu.plans import RestorePlan
 
     cid = task.id
+    with profile.stage("rootfs.diff"):
+        await asyncio.to_thread(_apply_rootfs, task, image)
     with profile.stage(f"{layer.name}.before"):
         await layer.before_restore(task, image)
     recorded = recorded_options(image)

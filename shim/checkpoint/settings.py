@@ -157,6 +157,7 @@ def containerd_checkpoint_source(path: str, settings: CheckpointSettings, node: 
     target = note.get("image_path") if note else None
     if target and settings.scope is not None:
         roots = [settings.scope.directory(node.checkpoint_store)]
+        roots += [settings.scope.directory(r) for r in (node.store_ram_dir, node.store_disk_dir) if r]  # tiers
         if settings.image_root:
             roots.append(settings.scope.directory(settings.image_root))
         roots += list(node.restore_roots)

@@ -26,6 +26,19 @@ since it widens what pods may reach.
     libcuda = ""                               # absolute host path of libcuda.so.1 ("" = the loader)
     accept_visible_devices_env = false         # NVIDIA_VISIBLE_DEVICES in a pod/image env grants GPUs
     nvidia_runtime = ""                        # nvidia-container-runtime for GPU bundles without CDI devices
+    [store]                                    # checkpoint tiers (`tiers`): off while ram_dir and registry are ""
+    ram_dir = ""                               # tier 1: a tmpfs dir, root's (0700), laid out like the store
+    ram_cap_mib = 0                            # tier 1 cap (0: the filesystem's free space only)
+    disk_dir = ""                              # tier 2: a local disk dir ("" = checkpoint.store)
+    disk_cap_mib = 0                           # tier 2 cap (0: the filesystem's free space only)
+    registry = ""                              # tier 3: OCI repository HOST[:PORT]/PATH ("" = none)
+    registry_plain_http = false                # http:// instead of https:// (a registry on loopback)
+    credentials_file = ""                      # root's 0600 JSON {"username": .., "password": ..}
+    state_dir = "/var/lib/kybernate/tiers"     # catalog and the worker's queue (root's, 0700)
+    keep_last = 0                              # checkpoints kept per container (0: all)
+    chunk_mib = 16                             # registry blob size: unit of parallel pulls and of sharing
+    parallel_transfers = 4                     # blobs pushed or pulled at once
+    min_idle_s = 60                            # a checkpoint used this recently is not evicted
 
 Environment variables that predate this file still count, since they too come from the node:
 KYBERNATE_LIBCUDA (gpu.libcuda), KYBERNATE_CRIU_PLUGIN_DIR (criu.plugin_dir). The file wins.
@@ -33,6 +46,7 @@ KYBERNATE_LIBCUDA (gpu.libcuda), KYBERNATE_CRIU_PLUGIN_DIR (criu.plugin_dir). Th
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass, fields
 from typing import Mapping, Optional
@@ -44,6 +58,7 @@ DEFAULT_CONFIG = "/etc/kybernate/config.toml"
 DEFAULT_STORE = "/var/lib/kybernate/checkpoints"
 DEFAULT_SEAL_KEY = "/etc/kybernate/seal.key"
 DEFAULT_SEAL_WITNESS_DIR = "/run/kybernate/sealed"
+DEFAULT_TIER_STATE = "/var/lib/kybernate/tiers"
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -65,7 +80,29 @@ class NodeConfig:
     libcuda: str = ""
     accept_visible_devices_env: bool = False
     nvidia_runtime: str = ""
+    store_ram_dir: str = ""
+    store_ram_cap_mib: int = 0
+    store_disk_dir: str = ""
+    store_disk_cap_mib: int = 0
+    store_registry: str = ""
+    store_registry_plain_http: bool = False
+    store_credentials_file: str = ""
+    store_state_dir: str = DEFAULT_TIER_STATE
+    store_keep_last: int = 0
+    store_chunk_mib: int = 16
+    store_parallel_transfers: int = 4
+    store_min_idle_s: float = 60.0
     source: str = "defaults"
+
+    @property
+    def tiers(self) -> bool:
+        """Whether the node keeps checkpoints in tiers (`tiers`): a RAM tier or a registry is set."""
+        return bool(self.store_ram_dir or self.store_registry)
+
+    @property
+    def disk_tier_dir(self) -> str:
+        """Tier 2's root: [store] disk_dir, else the checkpoint store."""
+        return self.store_disk_dir or self.checkpoint_store
 
     @classmethod
     def load(cls, environ: Mapping[str, str] = os.environ, path: Optional[str] = None) -> "NodeConfig":
@@ -90,10 +127,11 @@ class NodeConfig:
 
     def check(self) -> None:
         """Paths the root code uses must be absolute; deadlines positive."""
-        for name in ("checkpoint_store", "seal_key_file"):
+        for name in ("checkpoint_store", "seal_key_file", "store_state_dir"):
             if not os.path.isabs(getattr(self, name)):
                 raise NodeConfigError(f"node config {self.source}: {name}={getattr(self, name)!r} is not absolute")
-        for name in ("criu_plugin_dir", "libcuda", "seal_witness_dir"):
+        for name in ("criu_plugin_dir", "libcuda", "seal_witness_dir", "store_ram_dir", "store_disk_dir",
+                     "store_credentials_file"):
             value = getattr(self, name)
             if value and not os.path.isabs(value):
                 raise NodeConfigError(f"node config {self.source}: {name}={value!r} is not absolute")
@@ -101,9 +139,35 @@ class NodeConfig:
             if not os.path.isabs(root) or os.path.normpath(root) == "/":
                 raise NodeConfigError(f"node config {self.source}: restore_roots entry {root!r} must be an "
                                       f"absolute directory other than /")
-        for name in ("checkpoint_timeout_s", "restore_timeout_s"):
+        for name in ("checkpoint_timeout_s", "restore_timeout_s", "store_chunk_mib", "store_parallel_transfers"):
             if not getattr(self, name) > 0:
                 raise NodeConfigError(f"node config {self.source}: {name} must be > 0")
+        for name in ("store_ram_cap_mib", "store_disk_cap_mib", "store_keep_last", "store_min_idle_s"):
+            if getattr(self, name) < 0:
+                raise NodeConfigError(f"node config {self.source}: {name} must be >= 0")
+        if self.store_registry:
+            try:
+                split_registry(self.store_registry)
+            except ValueError as exc:
+                raise NodeConfigError(f"node config {self.source}: store.registry: {exc}") from None
+
+
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+                   r"(?::[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](?::[0-9]{1,5})?")
+_REPO_PATH = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+
+
+def split_registry(reference: str) -> tuple[str, str]:
+    """``HOST[:PORT]/REPOSITORY`` -> (host[:port], repository), as the distribution spec names them
+    (lower-case path components); ValueError naming what is wrong. No scheme, tag or digest: the
+    scheme is ``registry_plain_http``'s, tags are checkpoint ids."""
+    host, _, path = reference.partition("/")
+    if "://" in reference:
+        raise ValueError(f"{reference!r} holds a scheme: write HOST[:PORT]/REPOSITORY "
+                         "(registry_plain_http chooses http)")
+    if not path or not _HOST.fullmatch(host) or not _REPO_PATH.fullmatch(path) or len(path) > 255:
+        raise ValueError(f"{reference!r} is not HOST[:PORT]/REPOSITORY (lower-case path components)")
+    return host, path
 
 
 # (TOML section, key, NodeConfig field)
@@ -120,6 +184,18 @@ _KEYS = (
     ("gpu", "libcuda", "libcuda"),
     ("gpu", "accept_visible_devices_env", "accept_visible_devices_env"),
     ("gpu", "nvidia_runtime", "nvidia_runtime"),
+    ("store", "ram_dir", "store_ram_dir"),
+    ("store", "ram_cap_mib", "store_ram_cap_mib"),
+    ("store", "disk_dir", "store_disk_dir"),
+    ("store", "disk_cap_mib", "store_disk_cap_mib"),
+    ("store", "registry", "store_registry"),
+    ("store", "registry_plain_http", "store_registry_plain_http"),
+    ("store", "credentials_file", "store_credentials_file"),
+    ("store", "state_dir", "store_state_dir"),
+    ("store", "keep_last", "store_keep_last"),
+    ("store", "chunk_mib", "store_chunk_mib"),
+    ("store", "parallel_transfers", "store_parallel_transfers"),
+    ("store", "min_idle_s", "store_min_idle_s"),
 )
 _TYPES = {f.name: f.type for f in fields(NodeConfig)}
 
@@ -129,6 +205,10 @@ def _coerce(name: str, value):
     if kind == "bool":
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, not {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be a whole number, not {value!r}")
         return value
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):

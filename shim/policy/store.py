@@ -53,7 +53,7 @@ class StoreError(Exception):
         self.reason = reason
 
 
-def _component(text: str, what: str) -> str:
+def component(text: str, what: str) -> str:
     """One directory name of the layout: containerd ids, namespaces and Kubernetes names all fit."""
     if not isinstance(text, str) or not _COMPONENT.fullmatch(text) or text in (".", ".."):
         raise ValueError(f"{what} {text!r} cannot name a directory in the checkpoint store")
@@ -87,14 +87,14 @@ def scope_of(containerd_namespace: str, container_id: str, annotations: Mapping[
     """The scope of a container from what containerd says about it (its namespace, and the CRI
     plugin's annotations for a Kubernetes container). ValueError for names that cannot be directory
     names (containerd's own identifiers always can)."""
-    ns = _component(containerd_namespace, "containerd namespace")
+    ns = component(containerd_namespace, "containerd namespace")
     pod_ns = annotations.get(CRI_SANDBOX_NAMESPACE) or ""
     pod = annotations.get(CRI_SANDBOX_NAME) or ""
     container = annotations.get(CRI_CONTAINER_NAME) or ""
     if pod_ns and pod and container and annotations.get(CRI_CONTAINER_TYPE, "container") == "container":
-        return Scope(ns, _component(pod_ns, "Kubernetes namespace"),
-                     (_component(pod, "pod name"), _component(container, "container name")))
-    return Scope(ns, "", (_component(container_id, "container id"),))
+        return Scope(ns, component(pod_ns, "Kubernetes namespace"),
+                     (component(pod, "pod name"), component(container, "container name")))
+    return Scope(ns, "", (component(container_id, "container id"),))
 
 
 def new_checkpoint_id(parent: str, now: Optional[float] = None) -> str:
@@ -202,6 +202,30 @@ def open_beneath(root: str, name: str, *, use_openat2: bool = True) -> int:
         os.close(root_fd)
 
 
+RESOLVE_IN_ROOT = 0x10
+
+
+def open_in_root(root_fd: int, name: str) -> int:
+    """An O_DIRECTORY fd of ``name`` resolved as if ``root_fd`` were ``/`` (a container's rootfs:
+    its own symbolic links are followed, but never out of it): openat2(RESOLVE_IN_ROOT), or where
+    openat2 is missing a walk that follows no link at all. OSError when it is not there."""
+    global _openat2_missing
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts:
+        return os.dup(root_fd)
+    if ".." in parts:
+        raise OSError(errno.EXDEV, "holds '..'", name)
+    if not _openat2_missing:
+        try:
+            return _openat2(root_fd, "/".join(parts), flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):
+                raise
+            _openat2_missing = True
+    return _walk(root_fd, parts, flags)
+
+
 def _why(exc: OSError) -> str:
     if exc.errno == errno.ELOOP:
         return "a component is a symbolic link"
@@ -256,7 +280,7 @@ def make_dirs(store: str, parts: list[str]) -> str:
     try:
         for part in parts:
             if part != NO_POD_NAMESPACE:
-                _component(part, "checkpoint store directory")
+                component(part, "checkpoint store directory")
             try:
                 os.mkdir(part, 0o700, dir_fd=fd)
             except FileExistsError:

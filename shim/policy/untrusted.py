@@ -176,10 +176,17 @@ ImageProblem = Callable[[str], str]
 #: that was found, its real path for messages, the key and the value that named it); raises
 #: TTRPCError (PermissionDenied with an audit line) to refuse the image.
 ImageVerifier = Callable[[str, str, str, str], None]
+#: The tier store's resolution of a checkpoint id (handed in by the seam where the node has tiers):
+#: called with (the value a pod named, its scope, the key that named it); None when the value is no
+#: checkpoint id (then it is a name in the store, as always), else (the scope's directory in the tier
+#: that holds it, the checkpoint's name beneath it), pulled from the registry first where need be.
+#: Raises TTRPCError (with an audit line) naming the id and the tier for an id it cannot serve.
+IdLocator = Callable[[str, store.Scope, str], Optional[tuple[str, str]]]
 
 
 def pod_restore_source(spec: Mapping, scope: store.Scope, node: NodeConfig, container_id: str, namespace: str,
-                       image_problem: ImageProblem, verify: Optional[ImageVerifier] = None) -> Optional[RestoreSource]:
+                       image_problem: ImageProblem, verify: Optional[ImageVerifier] = None,
+                       locate: Optional[IdLocator] = None) -> Optional[RestoreSource]:
     """What a Create that containerd gave no checkpoint restores from, as the pod asks, checked
     before anything is created; None for a fresh start. The annotation kybernate.io/restore-from,
     then (only where the node opts in) RESTORE_FROM in the process env; never for the CRI sandbox.
@@ -192,7 +199,7 @@ def pod_restore_source(spec: Mapping, scope: store.Scope, node: NodeConfig, cont
         if env:
             ignored(container_id, f"env {RESTORE_FROM_ENV}", env, f"{RESTORE_FROM_ANNOTATION} is set", namespace)
         return _pod_source(RESTORE_FROM_ANNOTATION, f"annotation {RESTORE_FROM_ANNOTATION}", ann, scope, node,
-                           container_id, namespace, image_problem, verify)
+                           container_id, namespace, image_problem, verify, locate)
     if env:
         if not node.accept_restore_from_env:
             ignored(container_id, f"env {RESTORE_FROM_ENV}", env,
@@ -200,16 +207,19 @@ def pod_restore_source(spec: Mapping, scope: store.Scope, node: NodeConfig, cont
                     "checkpoint.accept_restore_from_env is off): the container starts fresh", namespace)
             return None
         return _pod_source(f"env {RESTORE_FROM_ENV}", f"env {RESTORE_FROM_ENV}", env, scope, node,
-                           container_id, namespace, image_problem, verify)
+                           container_id, namespace, image_problem, verify, locate)
     return None
 
 
 def _pod_source(key: str, origin: str, value: str, scope: store.Scope, node: NodeConfig, container_id: str,
-                namespace: str, image_problem: ImageProblem, verify: Optional[ImageVerifier]) -> RestoreSource:
-    """A restore source a pod named: a checkpoint in its own scope of the store (a relative name, or
-    an absolute path inside the scope), or beneath one of the node's restore_roots."""
+                namespace: str, image_problem: ImageProblem, verify: Optional[ImageVerifier],
+                locate: Optional[IdLocator] = None) -> RestoreSource:
+    """A restore source a pod named: a checkpoint id the node's tiers serve (``locate``), a
+    checkpoint in its own scope of the store (a relative name, or an absolute path inside the
+    scope), or beneath one of the node's restore_roots."""
+    located = locate(value, scope, key) if locate is not None else None
     try:
-        root, name = _place(value, scope, node)
+        root, name = located if located is not None else _place(value, scope, node)
         real = _check_image(root, name, node, scope, image_problem,
                             (lambda via, real: verify(via, real, key, value)) if verify else None)
     except store.StoreError as exc:
@@ -249,8 +259,9 @@ def _check_image(root: str, name: str, node: NodeConfig, scope: store.Scope, ima
     (the seal: ``verify(fd path, real path)``, which refuses on its own; before anything in the
     directory is read), and that it looks like a whole CRIU dump; returns its real path. StoreError
     for each reason but the seal's."""
-    if store.within(root, node.checkpoint_store):
-        store.check_store_root(node.checkpoint_store)
+    for tier_root in (node.checkpoint_store, node.store_ram_dir, node.store_disk_dir):
+        if tier_root and store.within(root, tier_root):
+            store.check_store_root(tier_root)
     fd = store.open_beneath(root, name)
     try:
         real = store.real_path(fd)

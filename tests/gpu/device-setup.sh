@@ -89,6 +89,8 @@ EOF
   export KYB_CONTAINERD_VERSIONS=1.6
   export KYB_GPU_WORKLOAD_IMAGE=$kyb/images/cuda-workload.tar KYB_GPU_WORKLOAD=$kyb/bin/gpu-workload
   export KYB_LIBCUDA=$libcuda
+  # the checkpoint tiers' registry (docker-registry from bookworm, in the bundle): tests/gpu/test_gpu_tiers.py
+  [ -x "$kyb/bin/docker-registry" ] && export KYB_REGISTRY_BINARY=$kyb/bin/docker-registry
   echo "libcuda: ${libcuda:-NOT FOUND}"
   "$root/usr/bin/containerd" --version; "$root/usr/sbin/runc" --version | head -1
   "$root/usr/local/sbin/criu" --version | head -1

@@ -239,10 +239,15 @@ class Containerd:
     """A private containerd of one version. See the module docstring."""
 
     def __init__(self, version: str, workdir: Path | str, namespace: str | None = None,
-                 extra_config: str = "", keep_log: bool = True, restore_roots: Sequence[str] | None = None):
+                 extra_config: str = "", keep_log: bool = True, restore_roots: Sequence[str] | None = None,
+                 netns: str | None = None):
         """extra_config: TOML appended to the generated config (must not repeat its tables).
         keep_log: leave workdir/containerd.log after stop() (the only thing left).
-        restore_roots: the node config's checkpoint.restore_roots (default: the workdir's parent)."""
+        restore_roots: the node config's checkpoint.restore_roots (default: the workdir's parent).
+        netns: a named network namespace (/var/run/netns/NAME) containerd, and so its shims, run in
+        (entered with nsenter --net only: the mount namespace stays the host's, so its mounts are
+        seen here as with any other instance); None: the host's."""
+        self.netns = netns
         self.version = version
         self.install = installation(version)
         self.workdir = Path(workdir).resolve()
@@ -415,8 +420,9 @@ class Containerd:
         self._log_file.flush()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.address)
+        enter = ["nsenter", f"--net=/var/run/netns/{self.netns}"] if self.netns else []
         self.proc = subprocess.Popen(
-            [str(self.install.containerd), "--config", str(self.config_path)],
+            [*enter, str(self.install.containerd), "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
             env=self.env, start_new_session=True, cwd=str(self.workdir))
         deadline = time.monotonic() + timeout

@@ -34,13 +34,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 # Our top-level packages (directories of the repository that setup.cfg installs).
-TOP_LEVEL = ("ttrpc", "proto", "shim", "criu", "cuda_bindings", "kybernate", "fsutil")
+TOP_LEVEL = ("ttrpc", "proto", "shim", "criu", "cuda_bindings", "kybernate", "fsutil", "tiers")
 
 # The rooms of the plan. A module belongs to the longest of these that prefixes its name; the modules
 # directly in shim/ (shim.wire) form the room "shim".
 PACKAGES = (
     "shim.binary", "shim.task", "shim.runtime", "shim.checkpoint", "shim.gpu", "shim.cgroups", "shim.policy", "shim",
-    "criu", "cuda_bindings", "ttrpc", "proto", "kybernate", "fsutil",
+    "criu", "cuda_bindings", "ttrpc", "proto", "kybernate", "fsutil", "tiers",
 )
 
 # Which of our packages each package may import (the arrows of the plan). An arrow not listed here is a
@@ -62,7 +62,11 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     # interface, wraps the CRIU path), so the arrow runs gpu -> checkpoint and never back; the task
     # package picks the layer once per container.
     "shim.checkpoint": frozenset({"shim", "shim.runtime", "shim.cgroups", "shim.policy", "criu", "fsutil", "ttrpc",
-                                  "proto"}),
+                                  "proto", "tiers"}),
+    # The checkpoint tiers (RAM, disk, registry), their catalog and the node's worker: over the node's
+    # policy (config, the store's layout) only, so that `kybernate store serve` runs without the shim
+    # and the seam registers and locates checkpoints through it.
+    "tiers": frozenset({"shim.policy", "fsutil"}),
     "shim.gpu": frozenset({"shim.checkpoint", "shim.runtime", "shim.cgroups", "shim.policy", "cuda_bindings", "criu",
                            "fsutil", "ttrpc", "proto"}),
     "shim.task": frozenset({"shim.checkpoint", "shim.gpu", "shim.runtime", "shim.cgroups", "shim.policy", "shim",
@@ -74,7 +78,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     # node's policy (shim.policy: the node config and the checkpoint store's layout, so that
     # `kybernate checkpoint` writes where the shim's restore looks: one layout, no twin), never the
     # task service or the binary's lifecycle.
-    "kybernate": frozenset({"proto", "criu", "cuda_bindings", "shim", "shim.policy", "fsutil"}),
+    "kybernate": frozenset({"proto", "criu", "cuda_bindings", "shim", "shim.policy", "fsutil", "tiers"}),
 }
 
 # Arrows that must never exist, whatever MAY_IMPORT says later (the reason is the message).
@@ -82,6 +86,8 @@ FORBIDDEN: tuple[tuple[str, str, str], ...] = (
     ("shim.gpu", "shim.task", "the GPU layer is handed what it needs; it never knows the container"),
     ("shim.checkpoint", "shim.task", "the seam is a layer: the container calls it, never the reverse"),
     ("kybernate", "shim.task", "the operator command talks to containerd, not to the shim's insides"),
+    ("tiers", "shim.task", "the tier worker runs without the shim"),
+    ("tiers", "shim.checkpoint", "the seam calls the tiers, never the reverse"),
     ("kybernate", "shim.binary", "the operator command talks to containerd, not to the shim's insides"),
 )
 for _low in ("ttrpc", "criu", "cuda_bindings", "fsutil", "proto"):
