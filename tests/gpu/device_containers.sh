@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU machine's run of the GPU container tests, from the repository root, in under 9 minutes. Carry
-# the base bundle and the containerd versions the runs use (scripts/gpu-bundle.sh; the base with two
-# versions is under 58 MiB, all three do not fit a call):
+# the base bundle and the containerd versions the runs use (scripts/gpu-bundle.sh; the base with one
+# version is at most 34 MiB, with two 48 MiB; all three do not fit a call; never carry .gpu-bundle whole):
 #   run(command="OUT=$OUT bash tests/gpu/device_containers.sh",
 #       carry=[".gpu-bundle/kyb-gpu.tar.xz", ".gpu-bundle/containerd-1.6.tar.xz"], timeout_s=590)
 # KYB_GPU_RUNS picks what runs, in order: space-separated VERSION:TARGETS items, TARGETS being test
 # files or pytest node ids joined by commas; the default is "1.6:tests/gpu/test_gpu_containers.py". E.g.
 #   KYB_GPU_RUNS="1.7:tests/gpu/test_gpu_containers.py 2.1:tests/gpu/test_gpu_containers.py"
 #   KYB_GPU_RUNS="1.6:tests/gpu/test_gpu_pytorch.py,tests/gpu/test_gpu_containers.py::test_3_pause_releases_vram_and_resume_brings_it_back"
-# (KYB_GPU_TEST_FILE=FILE, the older knob, means "1.6:FILE", or "<first carried version>:FILE".)
+# (KYB_GPU_TEST_FILE=FILE, the older knob, means "<first carried version>:FILE".)
 # On two GPUs (kind nvidia-h200-x2), the two-GPU scenarios (issue 15):
 #   run(command="OUT=$OUT KYB_GPU_RUNS=1.6:tests/gpu/test_gpu_two_gpus.py bash tests/gpu/device_containers.sh",
 #       carry=[".gpu-bundle/kyb-gpu.tar.xz", ".gpu-bundle/containerd-1.6.tar.xz"], kind="nvidia-h200-x2", timeout_s=590)
