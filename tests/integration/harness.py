@@ -91,12 +91,15 @@ def installation(version: str) -> Installation:
     raise ValueError(f"unknown containerd version {version!r}; expected one of {VERSIONS}")
 
 
-def unavailable_reason(version: str) -> str | None:
-    """Why a Containerd(version) cannot run here (None when it can): for pytest.skip."""
+def unavailable_reason(version: str, runc_shim: bool = True) -> str | None:
+    """Why a Containerd(version) cannot run here (None when it can): for pytest.skip.
+    runc_shim=False: tests that run only the kybernate runtime (tests/gpu; the GPU machine's bundle
+    carries no containerd-shim-runc-v2) need no runc-v2 shim."""
     if os.geteuid() != 0:
         return "integration tests need root (containerd, runc, mounts, cgroups)"
     inst = installation(version)
-    for binary in (inst.containerd, inst.ctr, inst.bin_dir / "containerd-shim-runc-v2", inst.runc):
+    needed = [inst.containerd, inst.ctr, inst.runc] + ([inst.bin_dir / "containerd-shim-runc-v2"] if runc_shim else [])
+    for binary in needed:
         if not os.access(binary, os.X_OK):
             return f"containerd {version}: {binary} is missing; run scripts/setup.sh"
     return None
