@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's profile run for issue 15, from the repository root, in under 9 minutes:
-#   run(command="OUT=$OUT bash tests/gpu/device_profile.sh", carry=[".gpu-bundle"], timeout_s=590)
+#   run(command="OUT=$OUT bash tests/gpu/device_profile.sh", timeout_s=590,
+#       carry=[".gpu-bundle/kyb-gpu.tar.xz", ".gpu-bundle/containerd-1.6.tar.xz", ".gpu-bundle/criu-alt"])
 # 1. (KYB_SKIP_PROBE=0) bench/page_read_probe.c: how fast private memory fills from an image in /dev/shm, the ways a
 #    restorer could do it (page_read_probe.jsonl).
 # 2. bench/gpu_profile.py: stage profile of checkpoint and restore of GPU containers (sizes in
@@ -17,21 +18,23 @@ elapsed() { echo $(( $(date +%s) - START )); }
 cat "$OUT/setup.log"
 if [ "${KYB_SETUP_OK:-0}" != 1 ]; then echo "setup failed after $(elapsed)s"; exit 1; fi
 echo "setup done in $(elapsed)s"
-# .gpu-bundle/criu-alt/criu.real: a CRIU built with scripts/criu-patches (parallel page read) where the
-# bundle's own predates it. KYB_SHIM_CRIU=alt (default) gives it to the shim and keeps the bundle's as
-# KYB_CRIU_ALT for the bare comparison; KYB_SHIM_CRIU=bundle the other way round.
+# .gpu-bundle/criu-alt/criu.real: a second CRIU for the comparison (as carried now: CRIU 4.1.1 built
+# without scripts/criu-patches, the bare reference; the bundle's own criu has the patches).
+# KYB_SHIM_CRIU=bundle (default) keeps the bundle's for the shim and gives the bare runs both;
+# KYB_SHIM_CRIU=alt gives the shim the second one. Labels: KYB_BUNDLE_CRIU_LABEL, KYB_ALT_CRIU_LABEL.
 if [ -x .gpu-bundle/criu-alt/criu.real ]; then
-  printf '#!/bin/sh\nLD_LIBRARY_PATH=/opt/kyb/lib exec %s "$@"\n' "$PWD/.gpu-bundle/criu-alt/criu.real" > /opt/kyb/bin/criu-patched
-  chmod +x /opt/kyb/bin/criu-patched
-  if [ "${KYB_SHIM_CRIU:-alt}" = alt ]; then
-    ln -sf /opt/kyb/bin/criu-patched /usr/local/sbin/criu
+  printf '#!/bin/sh\nLD_LIBRARY_PATH=/opt/kyb/lib exec %s "$@"\n' "$PWD/.gpu-bundle/criu-alt/criu.real" > /opt/kyb/bin/criu-second
+  chmod +x /opt/kyb/bin/criu-second
+  bundle_label=${KYB_BUNDLE_CRIU_LABEL:-CRIU 4.1.1 + scripts/criu-patches}
+  alt_label=${KYB_ALT_CRIU_LABEL:-CRIU 4.1.1 (no patches)}
+  if [ "${KYB_SHIM_CRIU:-bundle}" = alt ]; then
+    ln -sf /opt/kyb/bin/criu-second /usr/local/sbin/criu
     export KYB_CRIU_ALT=/opt/kyb/bin/criu
-    shim_label="CRIU 4.1.1 + parallel page read"
+    export KYB_CRIU_LABELS="/usr/local/sbin/criu=$alt_label;/opt/kyb/bin/criu=$bundle_label"
   else
-    export KYB_CRIU_ALT=/opt/kyb/bin/criu-patched
-    shim_label="CRIU 4.1.1"
+    export KYB_CRIU_ALT=/opt/kyb/bin/criu-second
+    export KYB_CRIU_LABELS="/usr/local/sbin/criu=$bundle_label;/opt/kyb/bin/criu-second=$alt_label"
   fi
-  export KYB_CRIU_LABELS="/usr/local/sbin/criu=$shim_label;/opt/kyb/bin/criu=CRIU 4.1.1;/opt/kyb/bin/criu-patched=CRIU 4.1.1 + parallel page read"
 fi
 
 if [ "${KYB_SKIP_PROBE:-1}" != 1 ] && cc -O2 -pthread -o /tmp/page_read_probe bench/page_read_probe.c 2>"$OUT/probe-build.log"; then

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu.test_gpu_containers import (  # noqa: F401 - env is a fixture, used by name
-    GiB, MiB, OUT, RESTORE_ANNOTATION, SCRATCH, SKIP, GpuContainer, assert_running_intact, env, grpc_checkpoint,
+from tests.gpu.test_gpu_containers import (  # noqa: F401 - env and results are fixtures, used by name
+    GiB, MiB, OUT, RESTORE_ANNOTATION, SCRATCH, SKIP, GpuContainer, assert_running_intact, env, grpc_checkpoint, results,
     ticks, timed)
 from tests.registry_support import LocalRegistry, has_basic_auth, unavailable_reason
 
