@@ -426,7 +426,8 @@ def restore(args) -> int:
                                     "or restore under --new-id")
     # Replace the stopped container of that id by the restored one (ctr: task, then container).
     if existing is not None:
-        _ctr(args, "task", "delete", new_id, check=False)
+        _ctr(args, "task", "delete", "--force", new_id, check=False)
+        _wait_task_gone(args.address, target.namespace, new_id)
         _ctr(args, "containers", "delete", new_id)
     # the restored container is a plain containerd one: its scope is <store>/<ns>/_
     name = source if by_id else restore_name(source, store, scope_of(target.namespace, new_id))
@@ -436,7 +437,7 @@ def restore(args) -> int:
         run.append("--net-host")
     args_after = list(args.args or spec.get("process", {}).get("args", []))
     t0 = time.monotonic()
-    _ctr(args, *run, image, new_id, *args_after)
+    _run_restored(args, run + [image, new_id, *args_after], target.namespace, new_id, replaced=existing is not None)
     with Containerd(args.address) as client:
         task = client.task(target.namespace, new_id)
     state = status_name(task)
@@ -445,6 +446,38 @@ def restore(args) -> int:
     print(f"restored {target.namespace}/{new_id} from {source}: pid {task.pid} "
           f"({time.monotonic() - t0:.1f} s)")
     return 0
+
+
+def _run_restored(args, run: list[str], namespace: str, container_id: str, replaced: bool,
+                  timeout: float = 15.0) -> None:
+    """`ctr run` of the restored container. Where it replaces a container whose shim was killed,
+    containerd may still hold the old task in its runtime for a moment after the Tasks API stopped
+    listing it (it runs the shim's `delete` first): "already exists" is then waited out, the
+    half-made container removed each time, up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        p = _ctr(args, *run, check=False)
+        if p.returncode == 0:
+            return
+        text = (p.stderr or p.stdout).strip()
+        if not (replaced and "already exists" in text and time.monotonic() < deadline):
+            raise OperatorError(f"kybernate restore: {args.ctr} {' '.join(run)} exited {p.returncode}: {text}")
+        _ctr(args, "containers", "delete", container_id, check=False)
+        time.sleep(0.5)
+
+
+def _wait_task_gone(address: str, namespace: str, container_id: str, timeout: float = 15.0) -> None:
+    """containerd drops the task of a container whose shim was killed on its own time (it runs the
+    shim binary's `delete` first): a restore under the same id waits for that rather than race it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with Containerd(address) as client:
+            if client.task(namespace, container_id) is None:
+                return
+        if time.monotonic() > deadline:
+            raise OperatorError(f"the old task of {namespace}/{container_id} is still there after {timeout:.0f} s: "
+                                f"delete it (ctr task delete --force {container_id}) and restore again")
+        time.sleep(0.1)
 
 
 def _warn_unsealed(source: Path) -> None:

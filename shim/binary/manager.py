@@ -344,6 +344,11 @@ def _force_delete(flags: Flags, bundle: str) -> None:
     binary = state.get("binary") or "runc"
     root = state.get("root") or os.path.join(RUNC_ROOT, flags.namespace)
     if flags.id:
+        from shim.runtime.runc import kill_orphaned
+
+        orphans = kill_orphaned(binary, root, flags.id)  # a dead shim's runc checkpoint/restore + CRIU
+        if orphans:
+            _err(f"delete {flags.id}: killed {binary} checkpoint/restore left running by the dead shim: {orphans}")
         cmd = [binary, "--root", root]
         if state.get("systemd_cgroup"):
             cmd.append("--systemd-cgroup")

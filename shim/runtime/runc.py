@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -337,3 +338,47 @@ def read_pid_file(path: str) -> int:
     if not data:
         raise OSError(errno.ENODATA, f"pid file {path} is empty")
     return int(data)
+
+
+def kill_orphaned(binary: str, root: str, container_id: str, proc: str = "/proc", wait_s: float = 3.0) -> list[int]:
+    """After a shim died mid-checkpoint or mid-restore, its ``runc checkpoint``/``restore`` (and their
+    CRIU) run on without anyone to wait for them or to enforce their deadline, holding runc's lock on
+    the container (so ``runc delete --force`` blocks behind them) and maybe its freeze. Kill them:
+    processes of `binary` (by name) whose argv is ``... --root ROOT ... checkpoint|restore ... ID``
+    with this root and id; a command that leads its own process group (the shim starts every
+    deadline-bound command so, CRIU in it) is killed with its group. Waits up to `wait_s` for them to
+    be gone. Returns the pids killed. Called by the shim binary's `delete` (containerd's cleanup of a
+    dead shim): its flags name the container, the state file the runtime and root."""
+    name = os.path.basename(binary)
+    want_root = os.path.realpath(root)
+    killed = []
+    try:
+        entries = [e for e in os.listdir(proc) if e.isdigit()]
+    except OSError:
+        return killed
+    for entry in entries:
+        try:
+            with open(os.path.join(proc, entry, "cmdline"), "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if not args or os.path.basename(args[0]) != name or args[-1] != container_id:
+            continue
+        if "--root" not in args or not any(a in ("checkpoint", "restore") for a in args):
+            continue
+        i = args.index("--root")
+        if i + 1 >= len(args) or os.path.realpath(args[i + 1]) != want_root:
+            continue
+        pid = int(entry)
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        killed.append(pid)
+    deadline = time.monotonic() + wait_s
+    while killed and time.monotonic() < deadline and any(os.path.exists(os.path.join(proc, str(p))) for p in killed):
+        time.sleep(0.05)
+    return killed

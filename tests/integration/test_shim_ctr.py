@@ -484,14 +484,14 @@ def test_log_uri_file_and_binary(containerd, tmp_path):
 
     def observe(rt):
         out = {}
-        file_log = tmp_path / f"{short(rt)}.log"
-        file_log.write_text("before\n")
         cid = uid(f"lf-{short(rt)}")
+        file_log = tmp_path / f"{cid}.log"  # each observation its own files (side_by_side may observe again)
+        file_log.write_text("before\n")
         rc = run(containerd, "run", "--rm", "--log-uri", f"file://{file_log}", "--runtime", rt, BUSYBOX_REF, cid,
                  "sh", "-c", "echo to-file; echo err-to-file >&2")[0]
         out["file"] = rc, sorted(file_log.read_text().splitlines())
-        bin_log = tmp_path / f"{short(rt)}-bin.log"
         cid = uid(f"lb-{short(rt)}")
+        bin_log = tmp_path / f"{cid}-bin.log"
         rc = run(containerd, "run", "--rm", "--log-uri", f"binary://{logger}?{bin_log}", "--runtime", rt,
                  BUSYBOX_REF, cid, "sh", "-c", "echo to-binary; echo err-to-binary >&2")[0]
         deadline = time.monotonic() + 10
@@ -522,7 +522,9 @@ def test_oom_event(containerd):
             time.sleep(0.3)
             rc = run(containerd, "run", "--rm", "--memory-limit", str(16 * 1024 * 1024), "--runtime", rt,
                      BUSYBOX_REF, cid, "tail", "/dev/zero")[0]
-            time.sleep(0.5)
+            # ctr run --rm returns when the task is deleted; the /tasks/delete event may reach the
+            # events stream a little later on a busy machine: give it time, then stop reading
+            time.sleep(1.5)
         finally:
             events.terminate()
             text = events.communicate(timeout=10)[0]
