@@ -233,6 +233,8 @@ class TaskService:
     @rpc
     async def start(self, ctx, req):
         c = self._get(req.id)
+        if req.exec_id:
+            await self._until_resumed(c, req.exec_id)
         async with c.lock:
             p = c.process(req.exec_id)
             with self.reaper.collect() as early:
@@ -252,6 +254,26 @@ class TaskService:
             if early_exit is not None:
                 self._spawn(self._handle_exit(c, p, early_exit))
             return api.StartResponse(pid=p.pid)
+
+    async def _until_resumed(self, c: Container, exec_id: str) -> None:
+        """An exec's Start in a paused container waits (holding no lock) for a Resume, up to the
+        node's broker.exec_wait_s: the node broker wakes a parked container when it sees the exec
+        added. Still paused then: refused, as runc would refuse the exec."""
+        init = c.init
+        if init is None or init.state is not State.PAUSED:
+            return
+        if c.exec_wait_s <= 0:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"cannot start exec {exec_id} in container {c.id}: "
+                                                       "the container is paused")
+        deadline = time.monotonic() + c.exec_wait_s
+        log.info("container %s: exec %s waits up to %.0f s for the paused container's resume", c.id, exec_id,
+                 c.exec_wait_s)
+        while init.state is State.PAUSED:
+            if time.monotonic() > deadline:
+                raise TTRPCError(Code.FAILED_PRECONDITION,
+                                 f"cannot start exec {exec_id} in container {c.id}: the container is still paused "
+                                 f"after {c.exec_wait_s:g} s (broker.exec_wait_s): nothing resumed it")
+            await asyncio.sleep(0.05)
 
     @rpc
     async def delete(self, ctx, req):
