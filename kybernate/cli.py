@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("ps", help="list containers run by kybernate, with CUDA processes and VRAM")
     ps.add_argument("--json", action="store_true", help="machine-readable output")
+    ps.add_argument("--gpus", action="store_true",
+                    help="the node broker's view per GPU: resident, parked in host RAM, since when")
+    ps.add_argument("--socket", help="the broker's control socket (default: the node config's broker.socket)")
 
     c = sub.add_parser("checkpoint", help="checkpoint a container",
                        description="Checkpoint a container run by kybernate into a CRIU image directory "
