@@ -89,5 +89,6 @@ class Records:
             self._save()
 
     def _save(self) -> None:
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         doc = {f"{r.namespace}/{r.id}": asdict(r) for r in self._records.values()}
         atomic_write(self.path, json.dumps(doc, indent=1, sort_keys=True) + "\n", mode=0o600)

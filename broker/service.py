@@ -360,6 +360,9 @@ class Broker:
                 log.warning("container %s: its wake was broken off (broker restarted): resuming it", t.name)
                 self._spawn(self._finish_wake(t), f"finish wake {t.name}")
             else:
+                if record.phase != "parked":     # killed after the Pause, before writing "parked"
+                    self.records.put(Record(t.namespace, t.id, "parked", dict(record.vram), record.since,
+                                            record.reason))
                 log.info("container %s: parked since %.0f (%s)", t.name, record.since, record.reason)
                 self._arm(t)
 
