@@ -5,7 +5,8 @@
 #   bin/      containerd 1.6, ctr, containerd-shim-runc-v2, runc, criu (+ criu.real), busybox,
 #             docker-registry (distribution 2.8, links glibc only: the checkpoint tiers' GPU test)
 #   lib/      the shared libraries runc and CRIU link that a stock Ubuntu may lack
-#   wheels/   cffi, pycparser, pyroute2, grpcio (+ typing_extensions) for the device's Python 3.12
+#   wheels/   cffi, pycparser, pyroute2, grpcio (+ typing_extensions), nvidia-ml-py and prometheus-client
+#             (the node broker: tests/gpu/test_gpu_broker.py) for the device's Python 3.12
 #   images/   OCI archive of the CUDA workload image (busybox + workload + the glibc libcuda needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,10 +42,11 @@ done
 GRPC_VERSION=$(.venv/bin/python -c "import grpc; print(grpc.__version__)")
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d "$STAGE/wheels" cffi pycparser pyroute2 "grpcio==$GRPC_VERSION" typing_extensions 2>&1 \
+  -d "$STAGE/wheels" cffi pycparser pyroute2 "grpcio==$GRPC_VERSION" typing_extensions nvidia-ml-py prometheus-client 2>&1 \
   | grep -v "^WARNING: Location" || true
 ls "$STAGE/wheels"/cffi-*.whl "$STAGE/wheels"/pycparser-*.whl "$STAGE/wheels"/pyroute2-*.whl \
-   "$STAGE/wheels"/grpcio-*.whl "$STAGE/wheels"/typing_extensions-*.whl >/dev/null
+   "$STAGE/wheels"/grpcio-*.whl "$STAGE/wheels"/typing_extensions-*.whl \
+   "$STAGE/wheels"/nvidia_ml_py-*.whl "$STAGE/wheels"/prometheus_client-*.whl >/dev/null
 
 # The CUDA workload, built for Hopper with the runtime linked statically (no JIT library needed).
 nvcc -O2 -arch=sm_90 -cudart static -o "$STAGE/bin/gpu-workload" tests/gpu/workload.cu

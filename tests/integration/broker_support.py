@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -83,9 +84,13 @@ def broker_config(cd: Containerd, workdir: Path, **extra) -> dict:
 
 
 class BrokerProcess:
-    def __init__(self, cd: Containerd, readings: Path, workdir: Path):
+    """``python -m kybernate.cli broker serve`` (this interpreter: the venv here, the device's python3
+    with PYTHONPATH on the GPU machine). ``readings``: the stand-in's file, None for NVML."""
+
+    def __init__(self, cd: Containerd, readings: Optional[Path], workdir: Path, env: Optional[dict] = None):
         self.cd = cd
         self.readings = readings
+        self.extra_env = dict(env or {})
         self.log_path = workdir / "broker.log"
         self.proc: Optional[subprocess.Popen] = None
         self.socket = cd.node_sections["broker"]["socket"]
@@ -94,10 +99,14 @@ class BrokerProcess:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(KYBERNATE), "-a", self.cd.address, "broker", "serve",
-                                      "--gpu-readings", str(self.readings)],
+        env = dict(self.cd.env, **self.extra_env)
+        if os.environ.get("PYTHONPATH"):
+            env.setdefault("PYTHONPATH", os.environ["PYTHONPATH"])
+        readings = ["--gpu-readings", str(self.readings)] if self.readings is not None else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "kybernate.cli", "-a", self.cd.address, "broker",
+                                      "serve", *readings],
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     env=self.cd.env, start_new_session=True)
+                                     env=env, start_new_session=True)
         log.close()
         wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, timeout, what="broker socket")
         if self.proc.poll() is not None:

@@ -23,7 +23,7 @@ import pytest
 from broker.readings import FileReadings
 
 from .broker_support import (GPU0, BrokerProcess, FakeGpu, GiB, broker_config, free_port, http_get, kybernate,
-                             run_server, run_sleeper, task_pid, task_status, wait_for)
+                             run_server, run_sleeper, task_status, wait_for)
 from .harness import Containerd, unavailable_reason
 
 IDLE = "kybernate.io/idle-release-after"

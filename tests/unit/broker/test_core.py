@@ -2,9 +2,6 @@
 container without idle release nor a busy one; no room: a sentence naming what holds the GPU)."""
 from __future__ import annotations
 
-import itertools
-
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from broker.core import (GiB, Gpu, Member, NoRoom, Phase, RoomPlan, Snapshot, due_for_release,

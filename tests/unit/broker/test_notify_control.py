@@ -186,7 +186,6 @@ def test_a_peer_that_is_not_root_is_refused(tmp_path):
         try:
             def as_nobody():
                 import subprocess
-                import sys
                 code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
                         "s.sendall(b'{\"op\": \"status\"}\\n'); print(s.recv(4096).decode())")
                 return subprocess.run(["/usr/bin/python3", "-I", "-c", code, path], capture_output=True, text=True,
