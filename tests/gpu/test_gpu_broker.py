@@ -225,13 +225,18 @@ def test_three_containers_room_for_two_woken_in_turn_by_connections(env, tmp_pat
         found = _events(events)
         wakes = [f for t, f in found if t == "/kybernate/broker/wake"]
         parks = [f for t, f in found if t == "/kybernate/broker/release"]
-        for r, w in zip(requests, wakes):
+        made_for: list[list[str]] = []      # the make-room parks before each wake, in containerd's order
+        pending: list[str] = []
+        for topic, facts in found:
+            if topic == "/kybernate/broker/release" and facts["labels"]["trigger"] == "make-room":
+                pending.append(facts["id"])
+            elif topic == "/kybernate/broker/wake":
+                made_for.append(pending)
+                pending = []
+        for r, w, made in zip(requests, wakes, made_for):
             assert w["id"] == r["container"], (requests, wakes)
-            r.update(wake_s=float(w["labels"]["duration_s"]), wake_gib=round(int(w["labels"]["bytes"]) / GiB, 2))
-        room = [p for p in parks if p["labels"]["trigger"] == "make-room"]
-        for r in requests:
-            made = [p["id"] for p in room if p["labels"]["reason"] == f"make room for {cd.namespace}/{r['container']}"]
-            r["evicted"] = ",".join(made)
+            r.update(wake_s=float(w["labels"]["duration_s"]), wake_gib=round(int(w["labels"]["bytes"]) / GiB, 2),
+                     evicted=",".join(made))
         RESULTS.update(requests=requests, parks=[(p["id"], p["labels"]["trigger"], p["labels"]["bytes"],
                                                   p["labels"]["duration_s"]) for p in parks],
                        most_resident=sampler.most_resident, least_free_gib=round((sampler.least_free or 0) / GiB, 2),
