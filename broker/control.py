@@ -77,7 +77,9 @@ class ControlServer:
                 return
             try:
                 line = await reader.readline()
-                request = json.loads(line or b"{}")
+                if not line:
+                    return          # a peer that only checked that a broker listens (the shim)
+                request = json.loads(line)
             except (ValueError, asyncio.LimitOverrunError):
                 await self._answer(writer, {"ok": False, "code": "invalid", "error": "not a JSON request line"})
                 return

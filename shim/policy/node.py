@@ -49,8 +49,9 @@ since it widens what pods may reach.
     wake_timeout_s = 120                       # one resume (and the room made for it) must finish in this
     metrics_address = ""                       # Prometheus metrics HOST:PORT ("" = none)
     kube_events = true                         # post Kubernetes pod events where it has credentials
-    exec_wait_s = 0                            # the shim: an exec started in a paused container waits
-                                               # this long for a resume (the broker wakes it) before failing
+    exec_wait_s = 30                           # the shim: an exec started in a paused container waits this
+                                               # long for a resume while a broker serves the node (its socket
+                                               # answers), then fails; 0: fails at once
 
 Environment variables that predate this file still count, since they too come from the node:
 KYBERNATE_LIBCUDA (gpu.libcuda), KYBERNATE_CRIU_PLUGIN_DIR (criu.plugin_dir). The file wins.
@@ -114,7 +115,7 @@ class NodeConfig:
     broker_wake_timeout_s: float = 120.0
     broker_metrics_address: str = ""
     broker_kube_events: bool = True
-    broker_exec_wait_s: float = 0.0
+    broker_exec_wait_s: float = 30.0
     source: str = "defaults"
 
     @property

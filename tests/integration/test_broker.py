@@ -187,6 +187,15 @@ def test_an_exec_into_a_parked_container_wakes_it(node):
     assert task_status(cd, "job") == "RUNNING" and node.broker.phase("job") == "resident"
     wakes = [f for t, f in node.events() if t == "/kybernate/broker/wake"]
     assert [w["labels"]["trigger"] for w in wakes] == ["exec"]
+    # no broker serving (killed: its socket file is left, nobody answers): an exec into a paused
+    # container fails at once, as runc's would
+    node.broker.kill()
+    cd.ctr("tasks", "pause", "job")
+    t0 = time.monotonic()
+    r = cd.ctr("tasks", "exec", "--exec-id", "look2", "job", "echo", "awake", check=False, timeout=60)
+    assert r.returncode != 0 and time.monotonic() - t0 < 10
+    assert "the container is paused (and no node broker serves this node to wake it)" in r.stderr
+    cd.ctr("tasks", "resume", "job")
 
 
 # ---- making room ----------------------------------------------------------------------------------------
