@@ -96,14 +96,18 @@ class Metrics:
 class KubeEvents:
     """Posts core/v1 Events about pods to the API server (urllib, in a thread)."""
 
-    def __init__(self, api: str, token: str, ca_file: Optional[str], node: str):
+    def __init__(self, api: str, token: str, ca_file: Optional[str], node: str, token_file: str = ""):
         self.api = api.rstrip("/")
         self.token = token
+        self.token_file = token_file        # read again at each post: projected tokens are rotated
         self.context = ssl.create_default_context(cafile=ca_file) if api.startswith("https") else None
         self.node = node
 
     @classmethod
-    def in_cluster(cls, environ: Mapping[str, str] = os.environ, sa_dir: str = SA_DIR) -> Optional["KubeEvents"]:
+    def in_cluster(cls, environ: Mapping[str, str] = os.environ, sa_dir: Optional[str] = None) -> Optional["KubeEvents"]:
+        """From the pod's service account (KYBERNATE_SA_DIR: where the node sees it, for a broker run
+        in the node's namespaces), None without one."""
+        sa_dir = sa_dir or environ.get("KYBERNATE_SA_DIR") or SA_DIR
         host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT", "443")
         token_file = os.path.join(sa_dir, "token")
         if not host or not os.path.isfile(token_file):
@@ -112,7 +116,7 @@ class KubeEvents:
             token = f.read().strip()
         host = f"[{host}]" if ":" in host else host
         return cls(f"https://{host}:{port}", token, os.path.join(sa_dir, "ca.crt"),
-                   environ.get("NODE_NAME") or socket.gethostname())
+                   environ.get("NODE_NAME") or socket.gethostname(), token_file)
 
     def event_for(self, move: Move, now: Optional[datetime.datetime] = None) -> Optional[dict]:
         ns, pod = move.labels.get(LABEL_POD_NAMESPACE), move.labels.get(LABEL_POD_NAME)
@@ -137,6 +141,9 @@ class KubeEvents:
         }
 
     def post(self, event: dict) -> int:
+        if self.token_file:
+            with open(self.token_file) as f:
+                self.token = f.read().strip()
         ns = event["metadata"]["namespace"]
         req = urllib.request.Request(f"{self.api}/api/v1/namespaces/{ns}/events", method="POST",
                                      data=json.dumps(event).encode(),
