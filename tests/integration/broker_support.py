@@ -165,7 +165,11 @@ def run_server(cd: Containerd, cid: str, port: int, *annotations: str, net_host:
     cd.ctr("run", "-d", "--null-io", "--runtime", KYBERNATE_RUNTIME, *flags, "docker.io/kybernate/busybox:test", cid,
            "sh", "-c", script)
     pid = task_pid(cd, cid)
-    wait_for(lambda: port_open(port), 10, what=f"httpd of {cid} on {port}")
+    if net_host:
+        wait_for(lambda: port_open(port), 10, what=f"httpd of {cid} on {port}")
+    else:
+        from broker.front import find_listeners
+        wait_for(lambda: find_listeners([pid], [port]), 10, what=f"httpd of {cid} on {port} in its namespace")
     return pid
 
 

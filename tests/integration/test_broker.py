@@ -154,6 +154,30 @@ def test_wake_on_connect_answers_the_first_request_and_probes_do_not_wake(node):
     print(f"first request through the front: {first:.3f} s")
 
 
+def test_wake_on_connect_in_the_containers_own_network_namespace(node):
+    """No host network: the container's port exists only in its own namespace (as a pod's does); a
+    client there (as another pod or a Service's traffic would arrive) wakes it the same way."""
+    from broker.front import socket_in_netns
+    cd = node.cd
+    pid = run_server(cd, "pod", 8080, f"{IDLE}=1s", net_host=False)
+    node.gpu.holds(pid, GiB)
+    node.broker.start()
+    node.broker.wait_phase("pod", "parked", 15)
+    assert {c["id"]: c for c in node.broker.status()["containers"]}["pod"]["wake_ports"] == [8080]
+    client = socket_in_netns(pid, socket.AF_INET)
+    client.settimeout(30)
+    try:
+        client.connect(("127.0.0.1", 8080))
+        client.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := client.recv(65536):
+            data += chunk
+    finally:
+        client.close()
+    assert data.startswith(b"HTTP/1.") and data.endswith(b"hello from pod\n")
+    assert task_status(cd, "pod") == "RUNNING" and node.broker.phase("pod") == "resident"
+
+
 def test_wake_port_annotation_and_kybernate_wake_and_ps(node):
     cd = node.cd
     port, other = free_port(), free_port()
