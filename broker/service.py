@@ -263,8 +263,12 @@ class Broker:
         await self._read_gpus()
 
     def _settle(self, t: Tracked, now: float) -> None:
-        """Make the phase agree with containerd where no move of ours is under way."""
+        """Make the phase agree with containerd where no move of ours is under way. A paused task
+        the records name is ours (rebuild decides what to do with it), any other was paused by
+        someone else."""
         paused = t.status in ("paused", "pausing")
+        if paused and t.phase is Phase.RESIDENT and self.records.get(t.key) is not None:
+            return
         if t.phase in (Phase.PARKED, Phase.PAUSED) and not paused:
             log.info("container %s: running again (resumed by someone else)", t.name)
             if t.front is not None:
@@ -433,7 +437,17 @@ class Broker:
         key = t.key
 
         async def wake(reason: str) -> None:
-            await self.wake(key, reason, trigger="connection")
+            """A client waits: while the GPU has no room (the holders are busy), try again until
+            wake_timeout_s; `kybernate wake` instead answers at once."""
+            deadline = time.monotonic() + self.config.wake_timeout_s
+            while True:
+                try:
+                    await self.wake(key, reason, trigger="connection")
+                    return
+                except BrokerError as exc:
+                    if exc.code != "no-room" or time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.5)
 
         t.front = Front(t.name, t.pid, listeners, wake, self.config.silent_wake_s, self.notifier.probe)
         problems = t.front.arm()

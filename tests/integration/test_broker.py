@@ -383,6 +383,57 @@ def test_broker_killed_and_restarted(node):
     assert "its wake was broken off" in node.broker.log()
 
 
+def test_broker_killed_at_random_points_of_wakes_leaves_nothing_frozen(node):
+    """SIGKILL at a random moment while a connection wakes a parked container (before, during or after
+    the Resume, or while making room), then a new broker: every container ends either running, or
+    paused with the broker's record of it (parked: a connection wakes it). None is left frozen with no
+    one to wake it."""
+    import random
+    cd = node.cd
+    node.gpu.gpus[GPU0]["total"] = 3 * GiB
+    node.gpu.write()
+    ports = {c: free_port() for c in ("a", "b")}
+    pids = {c: run_server(cd, c, ports[c], f"{IDLE}=1s") for c in ("a", "b")}
+    for c in ("a", "b"):
+        node.gpu.holds(pids[c], 2 * GiB)          # room for one of them at a time: wakes make room
+    records_path = Path(cd.node_sections["broker"]["state_dir"]) / "parked.json"
+    rng = random.Random(17)
+    node.broker.start()
+    for round_ in range(8):
+        wait_for(lambda: all(task_status(cd, c) == "PAUSED" for c in ("a", "b")) or
+                 sum(task_status(cd, c) == "RUNNING" for c in ("a", "b")) == 1, 20, what="settled")
+        target = "a" if round_ % 2 else "b"
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.setdefault("r", _try_get(ports[target])), daemon=True)
+        t.start()
+        time.sleep(rng.uniform(0.0, 0.08))
+        node.broker.kill()
+        t.join(30)
+        node.broker.start()
+        def settled() -> bool:
+            records = json.loads(records_path.read_text()) if records_path.exists() else {}
+            for c in ("a", "b"):
+                status = task_status(cd, c)
+                record = records.get(f"{cd.namespace}/{c}")
+                if status == "PAUSED" and (record is None or record["phase"] != "parked"):
+                    return False
+                if status not in ("PAUSED", "RUNNING"):
+                    return False
+            return True
+        wait_for(settled, 20, what=f"round {round_}: every container running, or parked with its record\n"
+                                   f"{node.broker.log()[-3000:]}")
+    # and each parked one still wakes on a connection
+    for c in ("a", "b"):
+        assert http_get(ports[c], timeout=30) == (200, f"hello from {c}\n")
+
+
+def _try_get(port: int):
+    try:
+        return http_get(port, timeout=20)
+    except OSError as exc:
+        return exc
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------
 def test_bad_annotations_and_bad_wakes_are_clear_errors_and_the_container_runs_on(node):
     cd = node.cd
