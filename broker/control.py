@@ -103,6 +103,9 @@ class ControlServer:
             raise BrokerError(f"unknown request {op!r}: expected wake or status", "invalid")
         except BrokerError as exc:
             return {"ok": False, "code": exc.code, "error": str(exc)}
+        except Exception as exc:   # noqa: BLE001 - containerd or the GPU readings failed: say so
+            log.error("control request %r failed: %s", op, exc, exc_info=True)
+            return {"ok": False, "code": "failed", "error": f"the broker failed: {type(exc).__name__}: {exc}"}
 
     @staticmethod
     async def _answer(writer: asyncio.StreamWriter, answer: dict) -> None:

@@ -128,6 +128,8 @@ class FakeBroker:
         return {"containers": [], "gpus": {}}
 
     async def wake(self, key, reason, trigger):
+        if key[1] == "boom":
+            raise RuntimeError("NVML: GPU is lost")
         if key[1] == "full":
             raise BrokerError("cannot wake default/full: it needs ...", "no-room")
         from broker.service import WakeResult
@@ -150,6 +152,9 @@ def test_control_socket(tmp_path):
                 await asyncio.to_thread(call, path, {"op": "wake", "namespace": "", "id": 3})
             with pytest.raises(BrokerError) as unknown:
                 await asyncio.to_thread(call, path, {"op": "reboot"})
+            with pytest.raises(BrokerError, match="the broker failed: RuntimeError: NVML: GPU is lost") as boom:
+                await asyncio.to_thread(call, path, {"op": "wake", "namespace": "default", "id": "boom"})
+            assert boom.value.code == "failed"
         finally:
             await server.close()
         return status, woke, full.value, bad.value, unknown.value
