@@ -87,7 +87,9 @@ def images(tmp_path_factory):
         pytest.skip("needs root")
     work = tmp_path_factory.mktemp("images")
     debian_base()
+    subprocess.run(["buildah", "rmi", INSTALLER], capture_output=True)     # the previous run's, if any
     build(REPO / "packaging" / "Containerfile", INSTALLER, REPO, "--build-arg", "PYTHON_VERSION=3.11")
+    subprocess.run(["buildah", "rmi", "--prune"], capture_output=True)     # the wheels stage, untagged
     node_cf = work / "Node.containerfile"
     node_cf.write_text("ARG DEBIAN\nFROM ${DEBIAN}\nRUN apt-get update && apt-get install -y --no-install-recommends "
                        "python3 python3-venv && rm -rf /var/lib/apt/lists/*\n")
