@@ -4,6 +4,8 @@
     kybernate ps                          containers run by kybernate, their CUDA processes and state
     kybernate checkpoint TARGET           checkpoint a container (containerd id or NS/POD[/CONTAINER])
     kybernate restore TARGET              restore it from a checkpoint
+    kybernate wake TARGET                 make a parked GPU container resident (the node broker)
+    kybernate broker serve                run the node broker: idle release, wake on demand, make room
 
 Only argparse is imported here: each subcommand imports its module (grpc, protobuf, cffi) when it
 runs, so `kybernate --help` stays fast.
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("ps", help="list containers run by kybernate, with CUDA processes and VRAM")
     ps.add_argument("--json", action="store_true", help="machine-readable output")
+    ps.add_argument("--gpus", action="store_true",
+                    help="the node broker's view per GPU: resident, parked in host RAM, since when")
+    ps.add_argument("--socket", help="the broker's control socket (default: the node config's broker.socket)")
 
     c = sub.add_parser("checkpoint", help="checkpoint a container",
                        description="Checkpoint a container run by kybernate into a CRIU image directory "
@@ -87,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("action", choices=("serve",))
     st.add_argument("--once", action="store_true", help="one round of due jobs and eviction, then exit")
     st.add_argument("--poll", type=_positive, default=1.0, help="seconds between rounds (default 1)")
+
+    w = sub.add_parser("wake", help="wake a parked GPU container through the node broker",
+                       description="Ask the node's broker to make TARGET resident: its VRAM back on the GPU, "
+                                   "its processes thawed. Where the GPU lacks room the broker first parks idle "
+                                   "containers (lowest kybernate.io/gpu-priority, then least recently used); "
+                                   "exit 3 when no room can be made (the message names what holds the GPU).")
+    w.add_argument("target", metavar="TARGET", help="container id, or NAMESPACE/POD[/CONTAINER]")
+    w.add_argument("--socket", help="the broker's control socket (default: the node config's broker.socket)")
+    w.add_argument("--timeout", type=_positive, default=None, help="give up after this many seconds (default 300)")
+    w.add_argument("--json", action="store_true", help="machine-readable output")
+
+    b = sub.add_parser("broker", help="the node broker (idle release, wake on demand, making room)",
+                       description="`serve`: run the node's broker ([broker] in the node config). One per node, "
+                                   "as root in the host's pid namespace (the DaemonSet or "
+                                   "packaging/systemd/kybernate-broker.service).")
+    b.add_argument("action", choices=("serve",))
+    b.add_argument("--gpu-readings", metavar="FILE", default=None,
+                   help="tests only: GPU readings from this JSON file instead of NVML (see broker/readings.py)")
 
     r = sub.add_parser("restore", help="restore a container from a checkpoint",
                        description="Restore a checkpoint through the shim's kybernate.io/restore-from "
@@ -138,6 +161,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "store":
             from kybernate import store_cmd
             return store_cmd.serve(args)
+        if args.command in ("wake", "broker"):
+            from kybernate import wake
+            return wake.wake(args) if args.command == "wake" else wake.serve(args)
         args.namespace = args.namespace or "default"
         from kybernate import checkpoint
         if args.command == "checkpoint":

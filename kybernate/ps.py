@@ -147,7 +147,66 @@ def render(rows: list[Row]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
 
 
+def broker_view(socket_path: str) -> Optional[dict]:
+    """The node broker's status (`broker.control`), None when no broker answers there."""
+    from broker import BrokerError
+    from broker.control import call
+    try:
+        return call(socket_path, {"op": "status"}, timeout=10)
+    except BrokerError:
+        return None
+
+
+def _when(stamp: float) -> str:
+    import datetime
+    if not stamp:
+        return "-"
+    return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def render_gpus(view: dict) -> str:
+    """Per GPU: what is resident, what is parked in host RAM, and since when."""
+    header = ("GPU", "STATE", "CONTAINER", "VRAM", "SINCE", "IDLE", "NOTE")
+    table = [header]
+    rows = []
+    for c in view.get("containers", []):
+        gpus = c.get("gpus") or ["-"]
+        for g in gpus:
+            vram = (c.get("vram") or {}).get(g, 0)
+            note = c.get("refused") or c.get("reason") or ""
+            if c.get("phase") == "parked" and c.get("wake_ports"):
+                note = (note + "; " if note else "") + "wakes on port " + ",".join(map(str, c["wake_ports"]))
+            if not c.get("gpu"):
+                note = note or "no GPU"
+            rows.append((g, c.get("phase", "?"), c.get("name", c.get("id", "?")), f"{vram / (1 << 30):.2f} GiB",
+                         _when(c.get("since", 0)), "-" if c.get("phase") != "resident" else f"{c.get('idle_s', 0):.0f} s",
+                         note))
+    table += sorted(rows, key=lambda r: (r[0], r[1] != "resident", r[2]))
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+    for g, info in sorted((view.get("gpus") or {}).items()):
+        lines.append(f"{g}: {info['free'] / (1 << 30):.2f} GiB free of {info['total'] / (1 << 30):.2f} GiB")
+    return "\n".join(lines)
+
+
+def _broker_socket(args) -> str:
+    if getattr(args, "socket", None):
+        return args.socket
+    from shim.policy.node import NodeConfig, NodeConfigError
+    try:
+        return NodeConfig.load().broker_socket
+    except NodeConfigError:
+        return ""
+
+
 def main(args) -> int:
+    if getattr(args, "gpus", False):
+        view = broker_view(_broker_socket(args))
+        if view is None:
+            raise OperatorError(f"no kybernate broker answers at {_broker_socket(args) or '-'}: "
+                                "is `kybernate broker serve` running on this node?")
+        print(json.dumps(view, indent=2) if args.json else render_gpus(view))
+        return 0
     with Containerd(args.address) as client:
         if args.namespace:
             namespaces = [args.namespace]
@@ -164,8 +223,14 @@ def main(args) -> int:
             raise OperatorError(f"containerd at {args.address}: {describe_rpc_error(exc)}") from None
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
-    elif rows:
+        return 0
+    if rows:
         print(render(rows))
     else:
         print(f"no containers run by {RUNTIME_TYPE} in namespace(s) {', '.join(namespaces) or '-'}")
+    socket_path = _broker_socket(args)
+    view = broker_view(socket_path) if socket_path else None
+    if view is not None and view.get("containers"):
+        print()
+        print(render_gpus(view))
     return 0

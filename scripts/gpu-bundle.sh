@@ -5,7 +5,8 @@
 #   .gpu-bundle/kyb-gpu.tar.xz          the base, always carried:
 #       bin/      runc 1.1, criu (+ criu.real), busybox, gpu-workload
 #       lib/      the shared libraries runc and CRIU link that a stock Ubuntu may lack
-#       wheels/   cffi, pycparser, pyroute2, grpcio (+ typing_extensions) for the device's Python 3.12
+#       wheels/   cffi, pycparser, pyroute2, grpcio (+ typing_extensions), nvidia-ml-py and prometheus-client
+#                 (the node broker: tests/gpu/test_gpu_broker.py) for the device's Python 3.12
 #       images/   OCI archive of the CUDA workload image (busybox + workload + the glibc libcuda needs)
 #   .gpu-bundle/registry.tar.xz         bin/docker-registry (distribution 2.8): only for tests/gpu/test_gpu_tiers.py
 #   .gpu-bundle/containerd-1.6.tar.xz   deps/containerd-1.6/usr/bin/{containerd,ctr}      (device: /usr/bin)
@@ -67,10 +68,11 @@ done
 GRPC_VERSION=$(.venv/bin/python -c "import grpc; print(grpc.__version__)")
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d "$STAGE/wheels" cffi pycparser pyroute2 "grpcio==$GRPC_VERSION" typing_extensions 2>&1 \
+  -d "$STAGE/wheels" cffi pycparser pyroute2 "grpcio==$GRPC_VERSION" typing_extensions nvidia-ml-py prometheus-client 2>&1 \
   | grep -v "^WARNING: Location" || true
 ls "$STAGE/wheels"/cffi-*.whl "$STAGE/wheels"/pycparser-*.whl "$STAGE/wheels"/pyroute2-*.whl \
-   "$STAGE/wheels"/grpcio-*.whl "$STAGE/wheels"/typing_extensions-*.whl >/dev/null
+   "$STAGE/wheels"/grpcio-*.whl "$STAGE/wheels"/typing_extensions-*.whl \
+   "$STAGE/wheels"/nvidia_ml_py-*.whl "$STAGE/wheels"/prometheus_client-*.whl >/dev/null
 
 # The CUDA workload, built for Hopper with the runtime linked statically (no JIT library needed).
 nvcc -O2 -arch=sm_90 -cudart static -o "$STAGE/bin/gpu-workload" tests/gpu/workload.cu

@@ -3,7 +3,8 @@
 # checks whether its result is already in place and skips itself if so.
 #
 #   1. bookworm packages: containerd 1.6, runc 1.1, busybox-static, build tools, Go proto sources,
-#      docker-registry (distribution 2.8: the checkpoint tiers' tests start one on 127.0.0.1)
+#      docker-registry (distribution 2.8: the checkpoint tiers' tests start one on 127.0.0.1),
+#      buildah and debootstrap (tests/integration/test_packaging_image.py builds packaging/Containerfile)
 #   2. containerd 1.7 (trixie), containerd 2.1 and runc 1.3 (sid): .debs downloaded through a private,
 #      temporary apt configuration and unpacked with `dpkg -x` under /opt/kybernate-deps
 #      (never installed; the system's apt sources and lists stay untouched)
@@ -28,7 +29,7 @@ t_all=$(now)
 SYSTEM_PACKAGES=(containerd runc iptables busybox-static python3-venv python3-dev gcc make git psmisc
                  iproute2 ca-certificates xz-utils patchelf
                  golang-github-containerd-containerd-dev golang-github-containerd-ttrpc-dev
-                 golang-github-gogo-protobuf-dev docker-registry)
+                 golang-github-gogo-protobuf-dev docker-registry buildah debootstrap)
 t0=$(now)
 if [ -z "$(missing_packages "${SYSTEM_PACKAGES[@]}")" ]; then
     note "bookworm packages: all present"

@@ -5,6 +5,7 @@
 #    link lands in the node's /usr/local/bin and `systemctl restart containerd` reaches the node's systemd,
 # 3. checks the result through the host mounts and sleeps (a DaemonSet pod must stay up).
 # KYBERNATE_INSTALL_ARGS: extra installer arguments, e.g. "--uninstall" or "--systemd-cgroup true".
+# KYBERNATE_HOST_PID: the process whose namespaces are the node's (default 1; tests name another).
 set -eu
 payload=/opt/kybernate-installer
 mkdir -p "/host$payload.new"
@@ -12,7 +13,7 @@ cp -a /kybernate/. "/host$payload.new/"
 rm -rf "/host$payload"
 mv "/host$payload.new" "/host$payload"
 # shellcheck disable=SC2086
-nsenter --target 1 --mount --uts --ipc --net --pid -- \
+nsenter --target "${KYBERNATE_HOST_PID:-1}" --mount --uts --ipc --net --pid -- \
     "$payload/packaging/install.sh" --wheelhouse "$payload/wheelhouse" --restart-containerd ${KYBERNATE_INSTALL_ARGS:-}
 case " ${KYBERNATE_INSTALL_ARGS:-} " in
     *" --uninstall "*)
@@ -20,7 +21,9 @@ case " ${KYBERNATE_INSTALL_ARGS:-} " in
         rm -rf "/host$payload"
         echo "kybernate uninstalled from this node" ;;
     *)
-        [ -x /host/usr/local/bin/containerd-shim-kybernate-v1 ] || { echo "shim link missing" >&2; exit 1; }
+        # the link is the node's: its target is a node path, seen here beneath /host
+        link=$(readlink /host/usr/local/bin/containerd-shim-kybernate-v1 || true)
+        [ -n "$link" ] && [ -x "/host$link" ] || { echo "shim link missing" >&2; exit 1; }
         grep -q 'io.containerd.kybernate.v1' /host/etc/containerd/config.toml || { echo "runtime not in config.toml" >&2; exit 1; }
         echo "kybernate installed on this node" ;;
 esac

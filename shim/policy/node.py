@@ -39,6 +39,19 @@ since it widens what pods may reach.
     chunk_mib = 16                             # registry blob size: unit of parallel pulls and of sharing
     parallel_transfers = 4                     # blobs pushed or pulled at once
     min_idle_s = 60                            # a checkpoint used this recently is not evicted
+    [broker]                                   # the node broker (`kybernate broker serve`, issue 17)
+    socket = "/run/kybernate/broker.sock"      # its control socket (root only): kybernate wake, ps
+    state_dir = "/run/kybernate/broker"        # what it parked (root's, 0700)
+    poll_s = 1.0                               # seconds between GPU readings
+    min_idle_s = 10                            # making room parks only containers idle this long
+    silent_wake_s = 1.0                        # a connection to a parked container that sends nothing
+                                               # this long wakes it (protocols where the server speaks first)
+    wake_timeout_s = 120                       # one resume (and the room made for it) must finish in this
+    metrics_address = ""                       # Prometheus metrics HOST:PORT ("" = none)
+    kube_events = true                         # post Kubernetes pod events where it has credentials
+    exec_wait_s = 30                           # the shim: an exec started in a paused container waits this
+                                               # long for a resume while a broker serves the node (its socket
+                                               # answers), then fails; 0: fails at once
 
 Environment variables that predate this file still count, since they too come from the node:
 KYBERNATE_LIBCUDA (gpu.libcuda), KYBERNATE_CRIU_PLUGIN_DIR (criu.plugin_dir). The file wins.
@@ -59,6 +72,8 @@ DEFAULT_STORE = "/var/lib/kybernate/checkpoints"
 DEFAULT_SEAL_KEY = "/etc/kybernate/seal.key"
 DEFAULT_SEAL_WITNESS_DIR = "/run/kybernate/sealed"
 DEFAULT_TIER_STATE = "/var/lib/kybernate/tiers"
+DEFAULT_BROKER_SOCKET = "/run/kybernate/broker.sock"
+DEFAULT_BROKER_STATE = "/run/kybernate/broker"
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -92,6 +107,15 @@ class NodeConfig:
     store_chunk_mib: int = 16
     store_parallel_transfers: int = 4
     store_min_idle_s: float = 60.0
+    broker_socket: str = DEFAULT_BROKER_SOCKET
+    broker_state_dir: str = DEFAULT_BROKER_STATE
+    broker_poll_s: float = 1.0
+    broker_min_idle_s: float = 10.0
+    broker_silent_wake_s: float = 1.0
+    broker_wake_timeout_s: float = 120.0
+    broker_metrics_address: str = ""
+    broker_kube_events: bool = True
+    broker_exec_wait_s: float = 30.0
     source: str = "defaults"
 
     @property
@@ -127,7 +151,7 @@ class NodeConfig:
 
     def check(self) -> None:
         """Paths the root code uses must be absolute; deadlines positive."""
-        for name in ("checkpoint_store", "seal_key_file", "store_state_dir"):
+        for name in ("checkpoint_store", "seal_key_file", "store_state_dir", "broker_socket", "broker_state_dir"):
             if not os.path.isabs(getattr(self, name)):
                 raise NodeConfigError(f"node config {self.source}: {name}={getattr(self, name)!r} is not absolute")
         for name in ("criu_plugin_dir", "libcuda", "seal_witness_dir", "store_ram_dir", "store_disk_dir",
@@ -139,12 +163,19 @@ class NodeConfig:
             if not os.path.isabs(root) or os.path.normpath(root) == "/":
                 raise NodeConfigError(f"node config {self.source}: restore_roots entry {root!r} must be an "
                                       f"absolute directory other than /")
-        for name in ("checkpoint_timeout_s", "restore_timeout_s", "store_chunk_mib", "store_parallel_transfers"):
+        for name in ("checkpoint_timeout_s", "restore_timeout_s", "store_chunk_mib", "store_parallel_transfers",
+                     "broker_poll_s", "broker_silent_wake_s", "broker_wake_timeout_s"):
             if not getattr(self, name) > 0:
                 raise NodeConfigError(f"node config {self.source}: {name} must be > 0")
-        for name in ("store_ram_cap_mib", "store_disk_cap_mib", "store_keep_last", "store_min_idle_s"):
+        for name in ("store_ram_cap_mib", "store_disk_cap_mib", "store_keep_last", "store_min_idle_s",
+                     "broker_min_idle_s", "broker_exec_wait_s"):
             if getattr(self, name) < 0:
                 raise NodeConfigError(f"node config {self.source}: {name} must be >= 0")
+        if self.broker_metrics_address:
+            try:
+                split_host_port(self.broker_metrics_address)
+            except ValueError as exc:
+                raise NodeConfigError(f"node config {self.source}: broker.metrics_address: {exc}") from None
         if self.store_registry:
             try:
                 split_registry(self.store_registry)
@@ -168,6 +199,15 @@ def split_registry(reference: str) -> tuple[str, str]:
     if not path or not _HOST.fullmatch(host) or not _REPO_PATH.fullmatch(path) or len(path) > 255:
         raise ValueError(f"{reference!r} is not HOST[:PORT]/REPOSITORY (lower-case path components)")
     return host, path
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT``) -> (host, port); ValueError naming what is wrong."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host, int(port)
 
 
 # (TOML section, key, NodeConfig field)
@@ -196,6 +236,15 @@ _KEYS = (
     ("store", "chunk_mib", "store_chunk_mib"),
     ("store", "parallel_transfers", "store_parallel_transfers"),
     ("store", "min_idle_s", "store_min_idle_s"),
+    ("broker", "socket", "broker_socket"),
+    ("broker", "state_dir", "broker_state_dir"),
+    ("broker", "poll_s", "broker_poll_s"),
+    ("broker", "min_idle_s", "broker_min_idle_s"),
+    ("broker", "silent_wake_s", "broker_silent_wake_s"),
+    ("broker", "wake_timeout_s", "broker_wake_timeout_s"),
+    ("broker", "metrics_address", "broker_metrics_address"),
+    ("broker", "kube_events", "broker_kube_events"),
+    ("broker", "exec_wait_s", "broker_exec_wait_s"),
 )
 _TYPES = {f.name: f.type for f in fields(NodeConfig)}
 

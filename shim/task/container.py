@@ -108,6 +108,8 @@ class Container:
         self.own_pid_namespace = _uses_pid_namespace(spec)
         self.layer: LifecycleLayer = layer or PlainLayer()
         self.handle = TaskHandle(container_id, namespace, bundle, spec, runtime, self._init_pid)
+        self.exec_wait_s = 0.0   # how long an exec's Start waits for a paused container's resume (node config)
+        self.broker_socket = ""  # the node broker's socket: the wait applies only while a broker serves
 
     def _init_pid(self) -> int:
         return self.init.pid if self.init is not None else 0
@@ -167,6 +169,8 @@ class Container:
 
         c = cls(cid, bundle, namespace, runtime, choice, spec, rootfs if mounted else "", options, reaper, layer)
         c.checkpoint_settings = settings
+        c.exec_wait_s = node.broker_exec_wait_s
+        c.broker_socket = node.broker_socket
         c.restore_profile = profile if restore_image else None
         paths = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
         # created from a checkpoint: nothing in the runtime until Start restores it (`restore_init`)

@@ -369,6 +369,11 @@ class Paused(_InitLive):
     async def checkpoint(self, ops: ContainerOps, request) -> str:
         return await ops.checkpoint_init(request, was_paused=True)
 
+    def exec(self, ops: ContainerOps, exec_id: str, paths: "StdioPaths", spec_any) -> "ExecProcess":
+        """Registered, not run (as containerd's runc shim does): its Start waits for a resume up to
+        the node's broker.exec_wait_s, so that the node broker, seeing /tasks/exec-added, wakes it."""
+        return ops.register_exec(exec_id, paths, spec_any)
+
     def resize(self, width: int, height: int) -> None:
         self._resize_console(width, height)
 

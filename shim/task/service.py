@@ -233,6 +233,8 @@ class TaskService:
     @rpc
     async def start(self, ctx, req):
         c = self._get(req.id)
+        if req.exec_id:
+            await self._until_resumed(c, req.exec_id)
         async with c.lock:
             p = c.process(req.exec_id)
             with self.reaper.collect() as early:
@@ -252,6 +254,28 @@ class TaskService:
             if early_exit is not None:
                 self._spawn(self._handle_exit(c, p, early_exit))
             return api.StartResponse(pid=p.pid)
+
+    async def _until_resumed(self, c: Container, exec_id: str) -> None:
+        """An exec's Start in a paused container waits (holding no lock) for a Resume, up to the
+        node's broker.exec_wait_s, while a node broker serves (its socket answers): the broker wakes a
+        parked container when it sees the exec added. Still paused then, or no broker: refused, as
+        runc would refuse the exec."""
+        init = c.init
+        if init is None or init.state is not State.PAUSED:
+            return
+        if c.exec_wait_s <= 0 or not _broker_serves(c.broker_socket):
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"cannot start exec {exec_id} in container {c.id}: "
+                                                       "the container is paused (and no node broker serves "
+                                                       "this node to wake it)")
+        deadline = time.monotonic() + c.exec_wait_s
+        log.info("container %s: exec %s waits up to %.0f s for the paused container's resume", c.id, exec_id,
+                 c.exec_wait_s)
+        while init.state is State.PAUSED:
+            if time.monotonic() > deadline:
+                raise TTRPCError(Code.FAILED_PRECONDITION,
+                                 f"cannot start exec {exec_id} in container {c.id}: the container is still paused "
+                                 f"after {c.exec_wait_s:g} s (broker.exec_wait_s): nothing resumed it")
+            await asyncio.sleep(0.05)
 
     @rpc
     async def delete(self, ctx, req):
@@ -485,3 +509,19 @@ class TaskService:
             c.close_watchers()
         for t in list(self._tasks):
             t.cancel()
+
+
+def _broker_serves(path: str) -> bool:
+    """Whether a node broker listens on its control socket (a unix connect answers at once)."""
+    if not path:
+        return False
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

@@ -7,12 +7,18 @@
 // STATUS_FILE with the last tick line (readable by exec after a restore, when stdout may go nowhere).
 // WORKLOAD_TICK_MS (default 200): pause between ticks. WORKLOAD_SPIN_MS (default 0): also run a
 // kernel that spins this long each tick, to hold the process inside a CUDA call (lock timeouts).
+// WORKLOAD_PORT (default unset): tick on demand instead, as a tiny TCP server on 0.0.0.0:PORT: each
+// connection (whatever it sends first) gets one tick and its line "tick N bad=B err=E\n", then is
+// closed. Between connections the GPU does nothing (the node broker's idle release, tests/gpu/test_gpu_broker.py).
 // Exits 3 on a CUDA error, after printing it.
 // Build: nvcc -O2 -arch=sm_90 -cudart static -o workload workload.cu
 #include <cstdio>
 #include <cstdlib>
 #include <cuda_runtime.h>
 #include <unistd.h>
+#include <cstring>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #define CHECK(call)                                                                          \
   do {                                                                                       \
@@ -66,7 +72,33 @@ int main(int argc, char **argv) {
   CHECK(cudaDeviceSynchronize());
   printf("READY %zu pid=%d device=%d\n", n, (int)getpid(), device);
   fflush(stdout);
+  long port = env_long("WORKLOAD_PORT", 0);
+  int listener = -1;
+  if (port > 0) {
+    listener = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_ANY);
+    addr.sin_port = htons((unsigned short)port);
+    if (bind(listener, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(listener, 64) != 0) {
+      printf("cannot listen on port %ld\n", port);
+      fflush(stdout);
+      exit(4);
+    }
+    printf("LISTENING %ld\n", port);
+    fflush(stdout);
+  }
   for (unsigned long long it = 1;; it++) {
+    int conn = -1;
+    if (listener >= 0) {
+      conn = accept(listener, NULL, NULL);
+      if (conn < 0) { it--; continue; }
+      char buf[256];
+      (void)!read(conn, buf, sizeof buf);
+    }
     if (spin_ms > 0) spin<<<1, 1>>>((unsigned long long)spin_ms * 1000000ULL);
     inc<<<1024, 256>>>(d, n);
     CHECK(cudaGetLastError());
@@ -75,16 +107,22 @@ int main(int argc, char **argv) {
     CHECK(cudaGetLastError());
     unsigned long long h = ~0ULL;
     cudaError_t e = cudaMemcpy(&h, bad, sizeof h, cudaMemcpyDeviceToHost);
-    printf("tick %llu bad=%llu err=%d\n", it, h, (int)e);
+    char line[128];
+    int len = snprintf(line, sizeof line, "tick %llu bad=%llu err=%d\n", it, h, (int)e);
+    fputs(line, stdout);
     fflush(stdout);
     if (status) {
       FILE *f = fopen(status, "w");
       if (f) {
-        fprintf(f, "tick %llu bad=%llu err=%d\n", it, h, (int)e);
+        fputs(line, f);
         fclose(f);
       }
     }
+    if (conn >= 0) {
+      (void)!write(conn, line, (size_t)len);
+      close(conn);
+    }
     CHECK(e);
-    if (tick_ms > 0) usleep((useconds_t)tick_ms * 1000);
+    if (listener < 0 && tick_ms > 0) usleep((useconds_t)tick_ms * 1000);
   }
 }

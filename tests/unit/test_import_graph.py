@@ -34,13 +34,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 # Our top-level packages (directories of the repository that setup.cfg installs).
-TOP_LEVEL = ("ttrpc", "proto", "shim", "criu", "cuda_bindings", "kybernate", "fsutil", "tiers")
+TOP_LEVEL = ("ttrpc", "proto", "shim", "criu", "cuda_bindings", "kybernate", "fsutil", "tiers", "broker")
 
 # The rooms of the plan. A module belongs to the longest of these that prefixes its name; the modules
 # directly in shim/ (shim.wire) form the room "shim".
 PACKAGES = (
     "shim.binary", "shim.task", "shim.runtime", "shim.checkpoint", "shim.gpu", "shim.cgroups", "shim.policy", "shim",
-    "criu", "cuda_bindings", "ttrpc", "proto", "kybernate", "fsutil", "tiers",
+    "criu", "cuda_bindings", "ttrpc", "proto", "kybernate", "fsutil", "tiers", "broker",
 )
 
 # Which of our packages each package may import (the arrows of the plan). An arrow not listed here is a
@@ -67,6 +67,11 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     # policy (config, the store's layout) only, so that `kybernate store serve` runs without the shim
     # and the seam registers and locates checkpoints through it.
     "tiers": frozenset({"shim.policy", "fsutil"}),
+    # The node broker (idle release, wake on demand, making room): a containerd client like the
+    # operator's command, over the node's policy (config, audit refusals), the one GPU-request parser
+    # (shim.runtime.gpu_request, stdlib only) and the cgroup readers of cuda_bindings; never the shim's
+    # insides (pause and resume go through containerd's Tasks API).
+    "broker": frozenset({"shim", "shim.policy", "shim.runtime", "cuda_bindings", "fsutil", "ttrpc", "proto"}),
     "shim.gpu": frozenset({"shim.checkpoint", "shim.runtime", "shim.cgroups", "shim.policy", "cuda_bindings", "criu",
                            "fsutil", "ttrpc", "proto"}),
     "shim.task": frozenset({"shim.checkpoint", "shim.gpu", "shim.runtime", "shim.cgroups", "shim.policy", "shim",
@@ -78,7 +83,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     # node's policy (shim.policy: the node config and the checkpoint store's layout, so that
     # `kybernate checkpoint` writes where the shim's restore looks: one layout, no twin), never the
     # task service or the binary's lifecycle.
-    "kybernate": frozenset({"proto", "criu", "cuda_bindings", "shim", "shim.policy", "fsutil", "tiers"}),
+    "kybernate": frozenset({"proto", "criu", "cuda_bindings", "shim", "shim.policy", "fsutil", "tiers", "broker"}),
 }
 
 # Arrows that must never exist, whatever MAY_IMPORT says later (the reason is the message).
@@ -89,10 +94,15 @@ FORBIDDEN: tuple[tuple[str, str, str], ...] = (
     ("tiers", "shim.task", "the tier worker runs without the shim"),
     ("tiers", "shim.checkpoint", "the seam calls the tiers, never the reverse"),
     ("kybernate", "shim.binary", "the operator command talks to containerd, not to the shim's insides"),
+    ("broker", "shim.task", "the broker pauses and resumes through containerd, never through the shim's insides"),
+    ("broker", "shim.binary", "the broker is a node service, not part of the shim"),
+    ("broker", "shim.gpu", "the broker reads the GPU through NVML; the shim's GPU layer is the shim's"),
+    ("broker", "shim.checkpoint", "the broker pauses and resumes, it never checkpoints"),
+    ("broker", "kybernate", "the operator command calls the broker, never the reverse"),
 )
 for _low in ("ttrpc", "criu", "cuda_bindings", "fsutil", "proto"):
     for _high in ("shim", "shim.binary", "shim.task", "shim.runtime", "shim.checkpoint", "shim.gpu",
-                  "shim.cgroups", "shim.policy", "kybernate"):
+                  "shim.cgroups", "shim.policy", "kybernate", "broker"):
         FORBIDDEN += ((_low, _high, f"{_low} is below the shim and the operator command"),)
 
 

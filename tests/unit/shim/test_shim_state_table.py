@@ -159,6 +159,7 @@ INIT_ALLOWED = {
     (S.PAUSED, O.UPDATE): (S.PAUSED, [("update_init",)]),
     (S.PAUSED, O.CHECKPOINT): (S.PAUSED, [("checkpoint_init", True)]),
     (S.PAUSED, O.RESIZE): (S.PAUSED, []),
+    (S.PAUSED, O.EXEC): (S.PAUSED, [("register_exec", "sh1")]),   # started once resumed (the broker wakes it)
     (S.STOPPED, O.DELETE): (S.DELETED, [("delete_init", True)]),
 }
 
