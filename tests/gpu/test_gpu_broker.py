@@ -71,7 +71,10 @@ class ServerContainer(GpuContainer):
         self.env.containers.append(self)
         wait_for(lambda: _port_open(self.port), 120, what=f"{self.id} listening on {self.port}")
         line, _ = self.request()
-        assert line.startswith("tick 1 bad=0 err=0"), line
+        # the port check above was a connection too (a tick): the first request answers tick 2
+        tick = parse_tick(line)
+        assert tick is not None and tick.n >= 1 and tick.bad == 0 and tick.err == 0, line
+        self.last_tick = tick.n
         return self
 
     def request(self, timeout: float = 120.0) -> tuple[str, float]:
@@ -189,7 +192,6 @@ def test_three_containers_room_for_two_woken_in_turn_by_connections(env, tmp_pat
             port = free_port()
             containers[name] = ServerContainer(env, f"brk-{name}", size, port, {
                 "kybernate.io/idle-release-after": f"{IDLE_S}s", "kybernate.io/wake-port": str(port)}).start()
-            containers[name].last_tick = 1
         broker.start(timeout=60)
         for c in containers.values():
             wait_for(lambda c=c: broker.phase(c.id) == "parked", 60, what=f"{c.id} parked\n{broker.log()[-3000:]}")
