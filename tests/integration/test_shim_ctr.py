@@ -383,6 +383,10 @@ def test_containerd_restart_keeps_tasks_controllable(containerd):
         for rt, cid in ids.items():
             obs = [task_status(containerd, cid)]
             rc, out, _ = run(containerd, "tasks", "exec", "--exec-id", "after", cid, "echo", "still here")
+            if rt == RUNC_RUNTIME and rc == 0 and not out:
+                # the reference lost a short exec's output after the restart (seen once on 2.1): observe
+                # it again; kybernate is observed once and must match
+                rc, out, _ = run(containerd, "tasks", "exec", "--exec-id", "after2", cid, "echo", "still here")
             obs.append((rc, out))
             obs.append(run(containerd, "tasks", "pause", cid)[0])
             obs.append(task_status(containerd, cid))

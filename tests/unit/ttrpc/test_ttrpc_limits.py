@@ -116,8 +116,13 @@ def test_closing_a_connection_cancels_its_requests_and_frees_its_socket():
         async with serving([waiter_service(release, cancelled)]) as (server, path):
             async with await Client.connect(path) as client:  # warm-up: lazily opened fds of the loop
                 await client.call(SVC, "Echo", b"x", timeout=3)
-            await asyncio.sleep(0.1)
             before = fds()
+            for _ in range(50):  # settled: the warm-up client's socket may close a little later under load
+                await asyncio.sleep(0.1)
+                now = fds()
+                if now == before:
+                    break
+                before = now
             raws = [await RawConnection.open(path) for _ in range(20)]
             for raw in raws:
                 for i in range(50):
