@@ -283,10 +283,13 @@ def checkpoint(args) -> int:
                 _remove_if_empty(image_dir)
                 raise OperatorError(f"checkpoint of {target} failed: {describe_rpc_error(exc)}") from None
             note = " (containerd 1.x could not store its empty scratch copy: harmless, the image is whole)"
-    if tiers is not None and not image_dir.exists():
+    if tiers is not None and not (image_dir / "inventory.img").exists():
+        # the shim put it in tier 2; containerd 2.x makes the image_path dir itself, so an empty one
+        # may be left in tier 1
         moved = tier_fallback_dir(tiers, image_dir)
         if moved is not None and moved.exists():
             note += " (tier 1 full: the shim put it in tier 2)"
+            _remove_note_only(image_dir)
             image_dir = moved
     from criu import CriuImageError, validate_image_dir
     try:
@@ -334,6 +337,20 @@ def _duplicate_scratch_blob(exc: grpc.RpcError, image_dir: Path) -> bool:
     except CriuImageError:
         return False
     return True
+
+
+def _remove_note_only(path: Path) -> None:
+    """The dir the image was asked into, when the shim put the image elsewhere: containerd 2.x makes it
+    and hands it to the shim as its checkpoint path, where the shim leaves its note (which names the
+    image's real place). Nothing is left in tier 1 for an image that is not there."""
+    from shim.policy.untrusted import NOTE_NAME
+
+    try:
+        if {p.name for p in path.iterdir()} <= {NOTE_NAME}:
+            (path / NOTE_NAME).unlink(missing_ok=True)
+    except OSError:
+        pass
+    _remove_if_empty(path)
 
 
 def _remove_if_empty(path: Path) -> None:

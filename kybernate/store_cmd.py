@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -176,12 +177,24 @@ def pull(args) -> int:
     return 0
 
 
+NO_TIERS_RECHECK_S = 30.0  # how often a worker on a node without tiers reads the node config again
+
+
 def serve(args) -> int:
     from tiers.worker import Worker, WorkerBusy, serve_forever
 
-    tiers = tier_store()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    tiers = tier_store(required=bool(args.once))
+    if tiers is None:
+        # a node without tiers (yet): the worker of a DaemonSet or a unit stays up and waits for them
+        # rather than exit (and be restarted over and over)
+        logging.getLogger("kybernate.tiers").info(
+            "tier worker %d: the node keeps no checkpoint tiers ([store] ram_dir and registry are unset): "
+            "waiting for them in the node config", os.getpid())
+        while tiers is None:
+            time.sleep(NO_TIERS_RECHECK_S)
+            tiers = tier_store(required=False)
     try:
         if args.once:
             worker = Worker(tiers)

@@ -172,6 +172,15 @@ def test_the_containerfile_builds_and_its_containers_install_and_run_the_broker(
         assert http_get(port, timeout=30) == (200, "hello from web\n")
         assert task_status(cd, "web") == "RUNNING"
         assert "broker serving /run/kybernate/broker.sock" in _text(broker_log)
+        # the DaemonSet's `store` container: the tier worker, in the node's namespaces
+        store_log = tmp_path / "store.log"
+        cd.ctr("run", "-d", "--log-uri", f"file://{store_log}", *host_pid, "--env", f"KYBERNATE_HOST_PID={node_pid}",
+               *_mount(node_dirs["opt"], "/host/opt", ro=True),
+               "docker.io/kybernate/installer:test", "store", "/bin/sh", "/kybernate/store-entrypoint.sh")
+        wait_for(lambda: "tier worker" in _text(store_log) or task_status(cd, "store") == "STOPPED", 120,
+                 interval=0.5, what="the tier worker")
+        assert "starting the tier worker in the namespaces of pid" in _text(store_log), _text(store_log)[-3000:]
+        assert "tier worker" in _text(store_log) and task_status(cd, "store") == "RUNNING", _text(store_log)[-3000:]
     finally:
         cd.stop()
     assert not cd.leftovers()
@@ -199,6 +208,8 @@ def test_the_daemonset_runs_the_broker_with_the_entry_point_the_image_has():
     containerfile = (REPO / "packaging" / "Containerfile").read_text()
     assert 'command: ["/bin/sh", "/kybernate/broker-entrypoint.sh"]' in yaml_text
     assert "COPY packaging/kubernetes/broker-entrypoint.sh /kybernate/broker-entrypoint.sh" in containerfile
+    assert 'command: ["/bin/sh", "/kybernate/store-entrypoint.sh"]' in yaml_text  # the tier worker
+    assert "COPY packaging/kubernetes/store-entrypoint.sh /kybernate/store-entrypoint.sh" in containerfile
     assert "hostPID: true" in yaml_text and "serviceAccountName: kybernate-broker" in yaml_text
     rules = yaml_text[yaml_text.index("kind: ClusterRole\n"):yaml_text.index("---", yaml_text.index("kind: ClusterRole\n"))]
     assert 'resources: ["events"]' in rules and 'verbs: ["create", "patch"]' in rules and rules.count("resources") == 1

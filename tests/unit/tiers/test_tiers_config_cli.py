@@ -149,3 +149,40 @@ def test_doctor_checks_the_tiers(tmp_path, monkeypatch):
     assert checks["tier 3 (registry)"].status == FAIL and "unreachable" in checks["tier 3 (registry)"].detail
     (tmp_path / "disk").chmod(0o777)
     assert {c.name: c for c in check_tiers()}["tier 2 (disk)"].status == FAIL
+
+
+def test_store_serve_on_a_node_without_tiers_waits_for_them(monkeypatch, caplog):
+    """The DaemonSet's `store` container and the systemd unit must not crash-loop on a node that keeps
+    no tiers: the worker says so and reads the node config again until tiers appear."""
+    import argparse
+    import logging
+
+    from kybernate import store_cmd
+
+    answers = [None, None, "tiers"]
+    served = []
+    monkeypatch.setattr(store_cmd, "tier_store", lambda required=True: answers.pop(0))
+    monkeypatch.setattr(store_cmd, "NO_TIERS_RECHECK_S", 0.01)
+    import tiers.worker as worker
+    monkeypatch.setattr(worker, "serve_forever", lambda tiers, poll: served.append(tiers) or 0)
+    with caplog.at_level(logging.INFO):
+        assert store_cmd.serve(argparse.Namespace(once=False, poll=1.0)) == 0
+    assert served == ["tiers"] and answers == []
+    assert "keeps no checkpoint tiers" in caplog.text
+
+
+def test_store_serve_once_on_a_node_without_tiers_is_an_error(monkeypatch):
+    import argparse
+
+    import pytest
+
+    from kybernate import OperatorError, store_cmd
+
+    def none(required=True):
+        if required:
+            raise OperatorError("the node keeps no checkpoint tiers")
+        return None
+
+    monkeypatch.setattr(store_cmd, "tier_store", none)
+    with pytest.raises(OperatorError, match="no checkpoint tiers"):
+        store_cmd.serve(argparse.Namespace(once=True, poll=1.0))
