@@ -336,22 +336,35 @@ def _stale(sources: dict[str, float]) -> bool:
     return False
 
 
-def _preload() -> None:
-    """Everything the daemon imports before it can serve Create, so a fork serves at once."""
-    import asyncio  # noqa: F401
-    import asyncio.unix_events  # noqa: F401
+#: Everything a forked daemon imports on its way through the Task API of a CPU container (serve,
+#: Create, Start, restore from a checkpoint, exec, pause, checkpoint, the first event it publishes):
+#: imported here once, so that no RPC pays for an import (a few ms each; tomllib and criu over ten
+#: together). A daemon lists what it had to import itself when it shuts down (debug level,
+#: `shim.binary.daemon.report_late_imports`); tests/integration/test_shim_ctr.py keeps that list empty.
+PRELOAD = (
+    "asyncio", "asyncio.unix_events", "concurrent.futures.thread", "ctypes", "mmap", "tomllib",
+    "ttrpc", "ttrpc.server", "ttrpc.client", "ttrpc.calls", "ttrpc.unix",
+    "proto.containerd.task.v3.shim_pb2", "proto.containerd.services.ttrpc.events.v1.events_pb2",
+    "shim.binary.daemon", "shim.wire", "shim.runtime.options", "shim.task.container", "shim.task.events",
+    "shim.task.service", "shim.checkpoint.seam", "criu.images", "criu.plans", "criu.config", "criu.logs",
+)
 
-    import ttrpc  # noqa: F401
-    from shim.task import container  # noqa: F401
-    from shim.binary import daemon  # noqa: F401
-    from shim.task import events  # noqa: F401
-    from shim.checkpoint import seam  # noqa: F401
-    from shim.task import service  # noqa: F401
-    from proto.containerd.task.v3 import shim_pb2  # noqa: F401
+
+def _preload() -> None:
+    """Import `PRELOAD` (and the cgroup helpers where this host has them), then freeze what is
+    loaded out of the garbage collector's reach: a forked daemon's collections then never walk (and
+    so never copy-on-write) the template's objects."""
+    import gc
+    from importlib import import_module
+
+    for name in PRELOAD:
+        import_module(name)
     try:
         import shim.cgroups  # noqa: F401
     except Exception:
         pass
+    gc.collect()
+    gc.freeze()
 
 
 class LogFileHandler(logging.Handler):
@@ -679,6 +692,7 @@ def set_cmdline(argv: list[str]) -> bool:
 def _become_daemon(request: WarmRequest, listen_fd: int, close: list[int], handler) -> None:
     """In the grandchild: shed the template, become the daemon for `request`, never return."""
     code = 1
+    preloaded = frozenset(sys.modules)
     try:
         os.setsid()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
@@ -705,7 +719,7 @@ def _become_daemon(request: WarmRequest, listen_fd: int, close: list[int], handl
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()  # the daemon logs to its bundle's fifo; the template's file stays shut
-        code = daemon.run(flags)
+        code = daemon.run(flags, preloaded)
     except BaseException:
         logging.getLogger("kybernate.warm").exception("warm template: daemon for %s failed to start", request.id)
     finally:
