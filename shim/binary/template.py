@@ -351,9 +351,9 @@ PRELOAD = (
 
 
 def _preload() -> None:
-    """Import `PRELOAD` (and the cgroup helpers where this host has them), then freeze what is
-    loaded out of the garbage collector's reach: a forked daemon's collections then never walk (and
-    so never copy-on-write) the template's objects."""
+    """Import `PRELOAD` (and the cgroup helpers where this host has them) and parse the node config,
+    then freeze what is loaded out of the garbage collector's reach: a forked daemon's collections
+    then never walk (and so never copy-on-write) the template's objects."""
     import gc
     from importlib import import_module
 
@@ -363,6 +363,12 @@ def _preload() -> None:
         import shim.cgroups  # noqa: F401
     except Exception:
         pass
+    from shim.policy.node import NodeConfig, NodeConfigError
+
+    try:
+        NodeConfig.load()  # parsed once here: a daemon's Create then finds the file unchanged
+    except NodeConfigError:
+        pass  # each Create reports it
     gc.collect()
     gc.freeze()
 
@@ -624,12 +630,13 @@ def _handle(conn, binary: str, containerd_address: str, own_environ: dict[bytes,
 def _fork_daemon(conn, request: WarmRequest, listen_fd: int, handler, template_fds: list[int]) -> None:
     """Fork twice: the grandchild becomes the daemon, the child reports its pid and exits, so the
     daemon is nobody's child here (re-parented to containerd's subreaper or init), as an exec'd one."""
+    preloaded = _loaded_modules()
     pid = os.fork()
     if pid == 0:  # child: fork the daemon, report its pid, vanish (the daemon is re-parented)
         try:
             daemon_pid = os.fork()
             if daemon_pid == 0:
-                _become_daemon(request, listen_fd, [conn.fileno(), *template_fds], handler)
+                _become_daemon(request, listen_fd, [conn.fileno(), *template_fds], handler, preloaded)
             try:
                 conn.sendall(f"{daemon_pid}\n".encode())
             except OSError:
@@ -689,10 +696,23 @@ def set_cmdline(argv: list[str]) -> bool:
         return False
 
 
-def _become_daemon(request: WarmRequest, listen_fd: int, close: list[int], handler) -> None:
+_LOADED: frozenset[str] = frozenset()
+
+
+def _loaded_modules() -> frozenset[str]:
+    """The names of the modules loaded here (a daemon reports what it imports beyond them), made
+    again only when there are more: a daemon that made the set itself would touch every name, and
+    so copy every page that holds one (a few hundred page faults before it can serve)."""
+    global _LOADED
+    if len(_LOADED) != len(sys.modules):
+        _LOADED = frozenset(sys.modules)
+    return _LOADED
+
+
+def _become_daemon(request: WarmRequest, listen_fd: int, close: list[int], handler,
+                   preloaded: frozenset[str]) -> None:
     """In the grandchild: shed the template, become the daemon for `request`, never return."""
     code = 1
-    preloaded = frozenset(sys.modules)
     try:
         os.setsid()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):

@@ -179,10 +179,14 @@ def describe_scope(identity: Mapping[str, str]) -> str:
 _buffers = threading.local()
 
 
-def _buffer() -> memoryview:
+def _buffer(size: int) -> memoryview:
+    """This thread's read buffer, at least `size` bytes (at most READ_BYTES): grown to what the files
+    need, since a fresh bytearray is zero-filled, and a MiB of it is 256 page faults in a daemon that
+    verifies a few hundred KiB."""
     buf = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = memoryview(bytearray(READ_BYTES))
+    size = max(4096, min(READ_BYTES, size))
+    if buf is None or len(buf) < size:
+        buf = _buffers.buf = memoryview(bytearray(size))
     return buf
 
 
@@ -226,7 +230,7 @@ def _hash_piece(dir_fd: int, entry: _Entry, index: int, needed: Callable[[], boo
             except OSError:
                 pass
         h = hashlib.sha256()
-        buf = _buffer()
+        buf = _buffer(length)
         done = 0
         while done < length:
             if not needed():
