@@ -104,10 +104,10 @@ def _listener(flags: Flags) -> socket.socket:
     return socket.socket(fileno=3)
 
 
-def run(flags: Flags, preloaded: frozenset[str] | None = None) -> int:
+def run(flags: Flags, preloaded: frozenset[str] | None = None, loop: asyncio.AbstractEventLoop | None = None) -> int:
     """Serve until Shutdown. `preloaded`: the modules the warm template had loaded when it forked
     this daemon (None when exec'd cold); what the daemon imports beyond them is logged when it shuts
-    down."""
+    down. `loop`: an event loop made ahead (by the template's spare), else asyncio.run makes one."""
     setup_logging(flags)
     from shim.runtime.reaper import set_subreaper
 
@@ -122,7 +122,11 @@ def run(flags: Flags, preloaded: frozenset[str] | None = None) -> int:
         log.error("no listening socket (fd 3 from start, or -socket): %s", exc)
         return 1
     try:
-        asyncio.run(_serve(flags, sock, preloaded))
+        if loop is None:
+            asyncio.run(_serve(flags, sock, preloaded))
+        else:
+            with asyncio.Runner(loop_factory=lambda: loop) as runner:
+                runner.run(_serve(flags, sock, preloaded))
     except Exception:
         log.exception("shim failed")
         return 1
