@@ -143,8 +143,8 @@ def late_imports(preloaded: frozenset[str]) -> list[str]:
 def report_late_imports(preloaded: frozenset[str]) -> None:
     """Every import a forked daemon makes itself sits on the critical path of some RPC (a few ms
     each, tens for a package): list them, at debug level, so that the template's preload list
-    (`shim.binary.template.PRELOAD`) can follow the code (tests/integration/test_shim_ctr.py
-    checks that a restore and a plain run need none)."""
+    (`shim.binary.template.PRELOAD`) can follow the code (tests/integration/test_checkpoint.py
+    checks that a ctr run, checkpoint and restore need none)."""
     late = late_imports(preloaded)
     log.debug("warm template: %d modules imported after the fork: %s", len(late), " ".join(late) or "none")
 

@@ -346,16 +346,18 @@ def _stale(sources: dict[str, float]) -> bool:
 
 
 #: Everything a forked daemon imports on its way through the Task API of a CPU container (serve,
-#: Create, Start, restore from a checkpoint, exec, pause, checkpoint, the first event it publishes):
+#: Create, Start, restore from a checkpoint with its rootfs diff, exec, pause, checkpoint with its
+#: seal and CRIU's stats, the first event it publishes):
 #: imported here once, so that no RPC pays for an import (a few ms each; tomllib and criu over ten
 #: together). A daemon lists what it had to import itself when it shuts down (debug level,
-#: `shim.binary.daemon.report_late_imports`); tests/integration/test_shim_ctr.py keeps that list empty.
+#: `shim.binary.daemon.report_late_imports`); tests/integration/test_checkpoint.py keeps that list empty.
 PRELOAD = (
     "asyncio", "asyncio.unix_events", "concurrent.futures.thread", "ctypes", "mmap", "tomllib",
     "ttrpc", "ttrpc.server", "ttrpc.client", "ttrpc.calls", "ttrpc.unix",
     "proto.containerd.task.v3.shim_pb2", "proto.containerd.services.ttrpc.events.v1.events_pb2",
     "shim.binary.daemon", "shim.wire", "shim.runtime.options", "shim.task.container", "shim.task.events",
-    "shim.task.service", "shim.checkpoint.seam", "criu.images", "criu.plans", "criu.config", "criu.logs",
+    "shim.task.service", "shim.checkpoint.seam", "shim.checkpoint.witness", "shim.checkpoint.rootfs_diff",
+    "criu.images", "criu.plans", "criu.config", "criu.logs", "criu.stats", "tarfile", "grp", "pwd",
 )
 
 
