@@ -804,12 +804,12 @@ def _run_daemon(request: WarmRequest, listen_fd: int, handler, preloaded: frozen
 
 class Spare:
     """A daemon forked ahead of time, as any daemon is (twice, so that it is nobody's child here), that
-    has shed the template and made its event loop, and waits on a private socketpair (no name
-    anywhere: only the template holds the other end) for the one request it will serve. A `start`
-    that finds one waits for no fork, and the daemon is serving sooner: on a 2-core node `start`
-    took 21.7 ms instead of 24.0, and containerd's connection was accepted 2.3 ms after it exited
-    instead of 6.1 (bench/results/cpu-restore). It exits when the channel closes unused (the
-    template stepped aside, exited or was killed)."""
+    has shed the template and made its event loop (and the thread its blocking work goes to), and
+    waits on a private socketpair (no name anywhere: only the template holds the other end) for the
+    one request it will serve. A `start` that finds one waits for no fork, and the daemon is serving
+    sooner: on a 2-core node `start` took 21.7 ms instead of 24.0, and containerd's connection was
+    accepted 2.3 ms after it exited instead of 6.1 (bench/results/cpu-restore). It exits when the
+    channel closes unused (the template stepped aside, exited or was killed)."""
 
     def __init__(self, pid: int, pidfd: int, chan: socket.socket):
         self.pid, self.pidfd, self.chan = pid, pidfd, chan
@@ -914,6 +914,7 @@ def _spare(chan: socket.socket, containerd_address: str, own_environ: dict[bytes
         os.dup2(0, 3)  # fd 3 held for the shim's socket: the event loop's descriptors go above it
         set_cmdline(binary_command() + ["-address", containerd_address, SPARE_ACTION])
         loop = asyncio.new_event_loop()
+        loop.run_in_executor(None, int)  # the default executor's thread, started now: no RPC waits for it
         chan.settimeout(None)
         chan.sendall(f"{os.getpid()}\n".encode())
         body, fds, _flags, _addr = socket.recv_fds(chan, MAX_REQUEST, 1)

@@ -529,6 +529,13 @@ async def restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings:
             os.close(image_fd)
 
 
+def _has_rootfs_diff(image: str) -> bool:
+    """Whether the image carries a rootfs diff to apply (a link counts: `rootfs_diff.apply` refuses it)."""
+    from shim.checkpoint.rootfs_diff import ARCHIVE_NAME
+
+    return os.path.lexists(os.path.join(image, ARCHIVE_NAME))
+
+
 def _apply_rootfs(task: TaskHandle, image: str) -> None:
     """The checkpoint's rootfs diff (if it carries one) into the new container's rootfs, before
     CRIU opens the files the restored processes had open."""
@@ -552,7 +559,8 @@ async def _restore(task: TaskHandle, layer: LifecycleLayer, image: str, settings
 
     cid = task.id
     with profile.stage("rootfs.diff"):
-        await asyncio.to_thread(_apply_rootfs, task, image)
+        if _has_rootfs_diff(image):  # most images carry none: no hand-over to a thread for nothing
+            await asyncio.to_thread(_apply_rootfs, task, image)
     with profile.stage(f"{layer.name}.before"):
         await layer.before_restore(task, image)
     recorded = recorded_options(image)
