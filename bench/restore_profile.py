@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Where the time of ``ctr containers restore --live --rw`` goes: kybernate next to containerd's runc
-shim, phase by phase, on one private containerd (1.6 by default), samples alternating.
+shim, phase by phase, on one private containerd (1.6 by default), samples alternating (with
+``--baseline REV`` also the shim of another git revision, bench/baseline.py: before and after in one run).
 
 The phases come from the kernel, not from the shims, so both runtimes are measured alike and
 nothing in the product is instrumented: a private ftrace instance (tracefs, clock ``mono``, the
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import contextlib
 import json
 import os
 import platform
@@ -51,9 +53,10 @@ sys.path.insert(0, str(REPO))
 from tests.integration.checkpoint_support import (counting_past, read_count, remove,  # noqa: E402
                                                   run_counter, task_status, wait_until)
 from tests.integration.harness import KYBERNATE_RUNTIME, RUNC_RUNTIME, SHIM_BINARY, Containerd  # noqa: E402
+from bench.baseline import BINARY as BASELINE_BINARY, RUNTIME as BASELINE_RUNTIME, VENV_BIN, baseline_shim  # noqa: E402
 
 RUNTIMES = (RUNC_RUNTIME, KYBERNATE_RUNTIME)
-SHORT = {RUNC_RUNTIME: "runc-v2", KYBERNATE_RUNTIME: "kybernate"}
+SHORT = {RUNC_RUNTIME: "runc-v2", KYBERNATE_RUNTIME: "kybernate", BASELINE_RUNTIME: "kybernate-base"}
 SHIM_COMM = "containerd-shim"  # both binaries' comm (the file name, cut at 15 characters)
 READS = ("read", "recvfrom", "recvmsg")
 WRITES = ("write", "sendto", "sendmsg", "writev")
@@ -228,6 +231,8 @@ def shim_file(cd: Containerd, runtime: str) -> str:
     """What containerd execs for `runtime` (the sched_process_exec filename)."""
     if runtime == KYBERNATE_RUNTIME:
         return cd.which("containerd-shim-kybernate-v1") or str(SHIM_BINARY)
+    if runtime == BASELINE_RUNTIME:
+        return str(VENV_BIN / BASELINE_BINARY)
     return cd.which("containerd-shim-runc-v2") or str(cd.install.bin_dir / "containerd-shim-runc-v2")
 
 
@@ -317,25 +322,31 @@ def phase_stats(samples: list[dict]) -> dict[str, dict]:
 
 
 def markdown(result: dict) -> str:
-    r, k = result["phases"]["runc-v2"], result["phases"]["kybernate"]
+    names = list(result["phases"])
+    ref = result["phases"]["runc-v2"]
+    kybs = [n for n in names if n != "runc-v2"]
+    base = f" (`kybernate-base`: the shim at {result['baseline']}, on the same containerd)" if result.get("baseline") else ""
     lines = [
         "# Where `ctr c restore --live --rw` spends its time: kybernate next to runc-v2",
         "",
         f"containerd {result['containerd']} ({result['ctr_version']}), {result['runc']}, CRIU {result['criu']}, "
         f"kernel {result['kernel']}, {result['cpus']} CPUs, load average {result['load_before']} before and "
-        f"{result['load_after']} after; {result['runs']} samples per runtime, alternating, each a fresh busybox "
-        "counter checkpointed with `ctr c checkpoint --task --rw`, removed, restored. Phase boundaries from "
-        "a private ftrace instance and containerd's debug log (bench/restore_profile.py). Medians in ms "
+        f"{result['load_after']} after; {result['runs']} samples per runtime, alternating{base}, each a fresh "
+        "busybox counter checkpointed with `ctr c checkpoint --task --rw`, removed, restored. Phase boundaries "
+        "from a private ftrace instance and containerd's debug log (bench/restore_profile.py). Medians in ms "
         "(each phase's own median: the rows do not add up exactly).",
         "",
-        "| phase | runc-v2 | kybernate | kybernate - runc-v2 | runc-v2 p10-p90 | kybernate p10-p90 |",
-        "| --- | ---: | ---: | ---: | --- | --- |",
+        "| phase | " + " | ".join(names) + " | " + " | ".join(f"{n} - runc-v2" for n in kybs) + " | "
+        + " | ".join(f"{n} p10-p90" for n in names) + " |",
+        "| --- | " + " | ".join("---:" for _ in names + kybs) + " | " + " | ".join("---" for _ in names) + " |",
     ]
     for name, _, _ in PHASES:
-        if name in r and name in k:
-            lines.append(f"| {name} | {r[name]['median_ms']} | {k[name]['median_ms']} | "
-                         f"{k[name]['median_ms'] - r[name]['median_ms']:+.1f} | {r[name]['p10_ms']}-{r[name]['p90_ms']} | "
-                         f"{k[name]['p10_ms']}-{k[name]['p90_ms']} |")
+        got = [result["phases"][n].get(name) for n in names]
+        if any(g is None for g in got):
+            continue
+        lines.append(f"| {name} | " + " | ".join(str(g["median_ms"]) for g in got) + " | "
+                     + " | ".join(f"{result['phases'][n][name]['median_ms'] - ref[name]['median_ms']:+.1f}" for n in kybs)
+                     + " | " + " | ".join(f"{g['p10_ms']}-{g['p90_ms']}" for g in got) + " |")
     lines += ["", "Command: `" + result["command"] + "`"]
     return "\n".join(lines) + "\n"
 
@@ -350,20 +361,29 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "cpu-restore"))
     ap.add_argument("--name", default="restore_profile", help="file name of the json and md written")
+    ap.add_argument("--baseline", metavar="REV", help="also the shim of git revision REV, as a third runtime "
+                    "(bench/baseline.py): before and after in one run")
     args = ap.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        baseline = stack.enter_context(baseline_shim(args.baseline)) if args.baseline else ""
+        return _run(args, argv, RUNTIMES + ((BASELINE_RUNTIME,) if baseline else ()), baseline)
+
+
+def _run(args, argv, runtimes: tuple[str, ...], baseline: str) -> int:
 
     load_before = _load()
     workdir = Path(tempfile.mkdtemp(prefix="kyb-restore-prof-", dir="/var/tmp"))
     cd = Containerd(args.containerd, workdir, keep_log=False)
-    samples: dict[str, list[dict]] = {SHORT[r]: [] for r in RUNTIMES}
+    samples: dict[str, list[dict]] = {SHORT[r]: [] for r in runtimes}
     trace = Trace()
     try:
         cd.start()
         cd.import_busybox()
-        for rt in RUNTIMES:  # warm-up (page cache, first CRIU run, the template), not counted
+        for rt in runtimes:  # warm-up (page cache, first CRIU run, the templates), not counted
             one_sample(cd, rt, trace)
         for i in range(args.runs):
-            for rt in (RUNTIMES if i % 2 == 0 else RUNTIMES[::-1]):
+            shift = i % len(runtimes)  # each runtime takes each place in the order in turn
+            for rt in runtimes[shift:] + runtimes[:shift]:
                 samples[SHORT[rt]].append(one_sample(cd, rt, trace))
             print(f"sample {i + 1}/{args.runs}: " + ", ".join(
                 f"{name} {s[-1].get('ctr exit', 0):.0f} ms" for name, s in samples.items()), flush=True)
@@ -379,7 +399,7 @@ def main(argv=None) -> int:
         "containerd": args.containerd, "ctr_version": ctr_version, "runc": runc,
         "criu": criu.split("Version:")[1].split()[0] if "Version:" in criu else criu.strip(),
         "kernel": platform.release(), "cpus": os.cpu_count(), "runs": args.runs,
-        "load_before": load_before, "load_after": _load(),
+        "load_before": load_before, "load_after": _load(), "baseline": baseline,
         "phases": {name: phase_stats(s) for name, s in samples.items()},
         "timelines_ms": samples,
         "command": "bench/restore_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
