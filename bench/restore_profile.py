@@ -256,8 +256,8 @@ def one_sample(cd: Containerd, runtime: str, trace: Trace) -> dict:
         run_counter(cd, cid, runtime)
         if counting_past(cd, cid, 3) is None:
             raise RuntimeError(f"{cid} does not count")
+        at_checkpoint = read_count(cd, cid)  # before: the task runs on after the checkpoint
         cd.ctr("containers", "checkpoint", "--task", "--rw", cid, ref, timeout=120)
-        at_checkpoint = read_count(cd, cid)
         remove(cd, cid)
         log_from = cd.log_path.stat().st_size
         time.sleep(0.3)  # let the removed task's shim exit out of the way
