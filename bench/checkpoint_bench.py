@@ -134,7 +134,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(str(r[n][m]["median_ms"]) for n in names) + " | "
                      + " | ".join(f"{result['ratios'][n][m]:.2f}" for n in kybs) + " | "
                      + " | ".join(f"{r[n][m]['p10_ms']}-{r[n][m]['p90_ms']}" for n in names) + " |")
+    paired = {n: {m: statistics.median(a / b for a, b in zip(result["samples_ms"][n][m],
+                                                             result["samples_ms"]["runc-v2"][m]))
+                  for m in METRICS} for n in kybs}
     lines += [
+        "",
+        "Median of the per-round ratios (a round runs every runtime once, in rotating order, so drift in the "
+        "machine's load hits a round's samples alike): "
+        + "; ".join(f"{n} " + ", ".join(f"{m} {paired[n][m]:.2f}" for m in METRICS) for n in kybs) + ".",
         "",
         "- checkpoint_api: Tasks.Checkpoint with image_path (leave running), timed around the gRPC call.",
         "- checkpoint_ctr: `ctr containers checkpoint --task --rw` (pause, checkpoint, rw diff, content store, resume).",
