@@ -335,14 +335,15 @@ def _loaded_sources(binary: str) -> dict[str, float]:
     return out
 
 
-def _stale(sources: dict[str, float]) -> bool:
+def _stale(sources: dict[str, float]) -> str:
+    """The first of `sources` that changed on disk (or is gone), "" when none did."""
     for f, mtime in sources.items():
         try:
             if os.stat(f).st_mtime != mtime:
-                return True
+                return f
         except OSError:
-            return True
-    return False
+            return f
+    return ""
 
 
 #: Everything a forked daemon imports on its way through the Task API of a CPU container (serve,
@@ -533,8 +534,9 @@ def serve(flags: Flags) -> int:
             spare_failed = False
             with conn:
                 try:
-                    if _stale(sources):
-                        raise Stale("the shim's code changed on disk")
+                    changed = _stale(sources)
+                    if changed:
+                        raise Stale(f"the shim's code changed on disk ({changed})")
                     _handle(conn, binary, flags.address, own_environ, handler,
                             [sock.fileno(), boot.fileno(), lock], spares)
                 except Stale as exc:
