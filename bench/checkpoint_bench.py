@@ -3,7 +3,8 @@
 in one run on one private containerd (1.6 by default).
 
 Each sample uses a fresh counter container (busybox sh writing a number ten times a second), the two
-runtimes alternating sample by sample so that drift hits both alike. Per sample:
+runtimes alternating sample by sample so that drift hits both alike (with ``--baseline REV``, a third:
+the shim of another git revision, bench/baseline.py; each runtime takes each place in turn). Per sample:
 
 - ``checkpoint_api``: containerd's Tasks.Checkpoint with CheckpointOptions{image_path: a new dir}
   (leave running), timed around the gRPC call: the runtime's checkpoint as a client without ctr sees
@@ -25,6 +26,7 @@ Median of --runs (10) each; writes checkpoint_bench.json and .md into --out (ben
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -44,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from tests.integration.checkpoint_support import (api_checkpoint, counting_past, read_count,  # noqa: E402
                                                   remove, run_counter, task_status, wait_until)
 from tests.integration.harness import KYBERNATE_RUNTIME, RUNC_RUNTIME, Containerd  # noqa: E402
+from bench.baseline import RUNTIME as BASELINE_RUNTIME, baseline_shim  # noqa: E402
 
 
 def _seconds(stamp: str) -> float:
@@ -61,7 +64,7 @@ def last_create_to_start(log_text: str) -> float:
     raise RuntimeError("no /tasks/create then /tasks/start in containerd's log")
 
 RUNTIMES = (RUNC_RUNTIME, KYBERNATE_RUNTIME)
-SHORT = {RUNC_RUNTIME: "runc-v2", KYBERNATE_RUNTIME: "kybernate"}
+SHORT = {RUNC_RUNTIME: "runc-v2", KYBERNATE_RUNTIME: "kybernate", BASELINE_RUNTIME: "kybernate-base"}
 METRICS = ("checkpoint_api", "checkpoint_ctr", "restore_ctr", "restore_start")
 _STAMP = re.compile(r'time="([^"]+)".*msg="event forwarded".*topic=(/tasks/(?:create|start)) ')
 
@@ -87,10 +90,12 @@ def one_sample(cd: Containerd, runtime: str, scratch: Path) -> dict[str, float]:
         out["checkpoint_api"] = time.perf_counter() - t0
         shutil.rmtree(image, ignore_errors=True)
 
+        # read before the checkpoint: the task runs on after it, so a read after may see a count the
+        # image does not hold (the restored counter then starts one below it, correctly)
+        at_checkpoint = read_count(cd, cid)
         t0 = time.perf_counter()
         cd.ctr("containers", "checkpoint", "--task", "--rw", cid, ref, timeout=120)
         out["checkpoint_ctr"] = time.perf_counter() - t0
-        at_checkpoint = read_count(cd, cid)
         remove(cd, cid)
 
         t0 = time.perf_counter()
@@ -109,21 +114,34 @@ def one_sample(cd: Containerd, runtime: str, scratch: Path) -> dict[str, float]:
 
 
 def markdown(result: dict) -> str:
+    names = list(result["results"])
+    kybs = [n for n in names if n != "runc-v2"]
+    base = f" (`kybernate-base` is {result['baseline']}, the same containerd)" if result.get("baseline") else ""
     lines = [
         "# Checkpoint/restore latency: kybernate vs containerd's runc shim",
         "",
         f"containerd {result['containerd']} ({result['ctr_version']}), {result['runc']}, CRIU {result['criu']}, "
-        f"kernel {result['kernel']}, {result['cpus']} CPUs; {result['runs']} samples per runtime and metric, "
-        "alternating runtimes, each sample a fresh busybox counter container. Times in ms.",
+        f"kernel {result['kernel']}, {result['cpus']} CPUs, load average {result.get('load_before', '?')} before "
+        f"and {result.get('load_after', '?')} after; {result['runs']} samples per runtime and metric, "
+        f"alternating runtimes, each sample a fresh busybox counter container{base}. Times in ms.",
         "",
-        "| metric | runc-v2 median | kybernate median | kybernate / runc-v2 | runc-v2 p10-p90 | kybernate p10-p90 |",
-        "| --- | ---: | ---: | ---: | --- | --- |",
+        "| metric | " + " | ".join(f"{n} median" for n in names) + " | "
+        + " | ".join(f"{n} / runc-v2" for n in kybs) + " | " + " | ".join(f"{n} p10-p90" for n in names) + " |",
+        "| --- | " + " | ".join("---:" for _ in names + kybs) + " | " + " | ".join("---" for _ in names) + " |",
     ]
     for m in METRICS:
-        r, k = result["results"]["runc-v2"][m], result["results"]["kybernate"][m]
-        lines.append(f"| {m} | {r['median_ms']} | {k['median_ms']} | {result['ratio'][m]:.2f} | "
-                     f"{r['p10_ms']}-{r['p90_ms']} | {k['p10_ms']}-{k['p90_ms']} |")
+        r = result["results"]
+        lines.append(f"| {m} | " + " | ".join(str(r[n][m]["median_ms"]) for n in names) + " | "
+                     + " | ".join(f"{result['ratios'][n][m]:.2f}" for n in kybs) + " | "
+                     + " | ".join(f"{r[n][m]['p10_ms']}-{r[n][m]['p90_ms']}" for n in names) + " |")
+    paired = {n: {m: statistics.median(a / b for a, b in zip(result["samples_ms"][n][m],
+                                                             result["samples_ms"]["runc-v2"][m]))
+                  for m in METRICS} for n in kybs}
     lines += [
+        "",
+        "Median of the per-round ratios (a round runs every runtime once, in rotating order, so drift in the "
+        "machine's load hits a round's samples alike): "
+        + "; ".join(f"{n} " + ", ".join(f"{m} {paired[n][m]:.2f}" for m in METRICS) for n in kybs) + ".",
         "",
         "- checkpoint_api: Tasks.Checkpoint with image_path (leave running), timed around the gRPC call.",
         "- checkpoint_ctr: `ctr containers checkpoint --task --rw` (pause, checkpoint, rw diff, content store, resume).",
@@ -142,20 +160,32 @@ def main(argv=None) -> int:
     ap.add_argument("--containerd", default="1.6", choices=("1.6", "1.7", "2.1"))
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--name", default="checkpoint_bench", help="file name of the json and md written")
+    ap.add_argument("--baseline", metavar="REV", help="also the shim of git revision REV, as a third runtime "
+                    "(bench/baseline.py): before and after in one run")
     args = ap.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        baseline = stack.enter_context(baseline_shim(args.baseline)) if args.baseline else ""
+        runtimes = RUNTIMES + ((BASELINE_RUNTIME,) if baseline else ())
+        return _run(args, argv, runtimes, baseline)
 
+
+def _run(args, argv, runtimes: tuple[str, ...], baseline: str) -> int:
+
+    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     workdir = Path(tempfile.mkdtemp(prefix="kyb-ckpt-bench-", dir="/var/tmp"))
     cd = Containerd(args.containerd, workdir, keep_log=False)
-    samples = {SHORT[r]: {m: [] for m in METRICS} for r in RUNTIMES}
+    samples = {SHORT[r]: {m: [] for m in METRICS} for r in runtimes}
     try:
         cd.start()
         cd.import_busybox()
         scratch = workdir / "criu-images"
         scratch.mkdir()
-        one_sample(cd, RUNC_RUNTIME, scratch)  # warm-up (page cache, first CRIU run), not counted
-        one_sample(cd, KYBERNATE_RUNTIME, scratch)
+        for runtime in runtimes:  # warm-up (page cache, first CRIU run, the templates), not counted
+            one_sample(cd, runtime, scratch)
         for i in range(args.runs):
-            for runtime in (RUNTIMES if i % 2 == 0 else RUNTIMES[::-1]):
+            shift = i % len(runtimes)  # each runtime takes each place in the order in turn
+            for runtime in runtimes[shift:] + runtimes[:shift]:
                 for m, v in one_sample(cd, runtime, scratch).items():
                     samples[SHORT[runtime]][m].append(v)
             print(f"sample {i + 1}/{args.runs}: " + ", ".join(
@@ -173,9 +203,12 @@ def main(argv=None) -> int:
         "containerd": args.containerd, "ctr_version": ctr_version, "runc": runc,
         "criu": criu.split("Version:")[1].split()[0] if "Version:" in criu else criu.strip(),
         "kernel": platform.release(), "cpus": os.cpu_count(), "runs": args.runs,
-        "results": results,
+        "load_before": load_before, "load_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "results": results, "baseline": baseline,
         "ratio": {m: round(results["kybernate"][m]["median_ms"] / results["runc-v2"][m]["median_ms"], 3)
                   for m in METRICS},
+        "ratios": {n: {m: round(results[n][m]["median_ms"] / results["runc-v2"][m]["median_ms"], 3) for m in METRICS}
+                   for n in results if n != "runc-v2"},
         "samples_ms": {name: {m: [round(x * 1000, 1) for x in v] for m, v in vals.items()}
                        for name, vals in samples.items()},
         "command": "bench/checkpoint_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -183,8 +216,8 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoint_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "checkpoint_bench.md").write_text(markdown(result))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

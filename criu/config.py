@@ -81,11 +81,12 @@ def render_criu_config(*, plugin_dir: Optional[str | os.PathLike] = None,
 
 def write_runc_criu_config(path: str | os.PathLike, *, plugin_dir: Optional[str | os.PathLike] = None,
                            log_file: Optional[str | os.PathLike] = None,
-                           extra_options: Iterable[Option] = ()) -> Path:
-    """Write the file atomically (runc/CRIU may read it while a previous task's write is replaced)."""
+                           extra_options: Iterable[Option] = (), durable: bool = True) -> Path:
+    """Write the file atomically (runc/CRIU may read it while a previous task's write is replaced);
+    durable=False: without fsync (a file in a task's bundle: `fsutil.atomic.atomic_write`)."""
     path = Path(path)
     atomic_write(path, render_criu_config(plugin_dir=plugin_dir, log_file=log_file,
-                                          extra_options=extra_options))
+                                          extra_options=extra_options), durable=durable)
     return path
 
 
@@ -130,11 +131,13 @@ def criu_config_of(spec: Mapping[str, Any]) -> Optional[str]:
     return RUNC_DEFAULT_CONFIG
 
 
-def annotate_bundle(bundle: str | os.PathLike, config_path: Optional[str | os.PathLike]) -> Path:
-    """Set the annotation in ``<bundle>/config.json`` in place (atomic rename, other keys untouched)."""
+def annotate_bundle(bundle: str | os.PathLike, config_path: Optional[str | os.PathLike],
+                    durable: bool = True) -> Path:
+    """Set the annotation in ``<bundle>/config.json`` in place (atomic rename, other keys untouched);
+    durable=False: without fsync, as containerd wrote the file (`fsutil.atomic.atomic_write`)."""
     spec_path = Path(bundle) / "config.json"
     spec = json.loads(spec_path.read_text())
     set_criu_config_annotation(spec, config_path)
     atomic_write(spec_path, json.dumps(spec, indent=None, separators=(",", ":")),
-                 mode=spec_path.stat().st_mode & 0o7777)
+                 mode=spec_path.stat().st_mode & 0o7777, durable=durable)
     return spec_path

@@ -84,32 +84,36 @@ def validate_image_dir(directory: str | os.PathLike) -> ImageStats:
     Checks only what is cheap and certain: existence, non-empty, inventory magic, pstree magic, and
     every page image's size against its pagemaps (`check_page_images`).
     Returns the stats so callers can log the size they are about to restore.
+
+    Plain ``os`` calls rather than pathlib, and the directory walked once for the stats: it runs in
+    every restore's Create, in a shim daemon just forked, where each distinct function run costs
+    its pages' copy-on-write faults.
     """
-    d = Path(directory)
-    if not d.exists():
-        raise CriuImageError("missing", str(d), f"checkpoint image dir {d} does not exist")
-    if not d.is_dir():
-        raise CriuImageError("not-a-directory", str(d), f"checkpoint image path {d} is not a directory")
-    if not any(d.iterdir()):
-        raise CriuImageError("empty", str(d), f"checkpoint image dir {d} is empty")
-    inv = d / INVENTORY
-    if not inv.is_file():
-        raise CriuImageError("not-criu", str(d), f"{d} is not a CRIU image: no {INVENTORY}")
+    d = str(Path(directory))
+    if not os.path.exists(d):
+        raise CriuImageError("missing", d, f"checkpoint image dir {d} does not exist")
+    if not os.path.isdir(d):
+        raise CriuImageError("not-a-directory", d, f"checkpoint image path {d} is not a directory")
+    with os.scandir(d) as entries:
+        if next(entries, None) is None:
+            raise CriuImageError("empty", d, f"checkpoint image dir {d} is empty")
+    inv = os.path.join(d, INVENTORY)
+    if not os.path.isfile(inv):
+        raise CriuImageError("not-criu", d, f"{d} is not a CRIU image: no {INVENTORY}")
     head = _read_u32s(inv, 1)
     if not head or head[0] != INVENTORY_MAGIC:
         got = f"0x{head[0]:08x}" if head else "fewer than 4 bytes"
-        raise CriuImageError("corrupt", str(d), f"{inv} is corrupt: starts with {got}, "
+        raise CriuImageError("corrupt", d, f"{inv} is corrupt: starts with {got}, "
                              f"not CRIU's inventory magic 0x{INVENTORY_MAGIC:08x}")
-    pstree = d / PSTREE
-    if not pstree.is_file():
-        raise CriuImageError("incomplete", str(d), f"{d} is not a complete CRIU dump: no {PSTREE} "
+    pstree = os.path.join(d, PSTREE)
+    if not os.path.isfile(pstree):
+        raise CriuImageError("incomplete", d, f"{d} is not a complete CRIU dump: no {PSTREE} "
                              "(a pre-dump, or a dump that failed)")
     head = _read_u32s(pstree, 2)
     if head != [IMG_COMMON_MAGIC, PSTREE_MAGIC]:
-        raise CriuImageError("corrupt", str(d), f"{pstree} is corrupt: bad magic "
+        raise CriuImageError("corrupt", d, f"{pstree} is corrupt: bad magic "
                              + " ".join(f"0x{x:08x}" for x in head))
-    check_page_images(d)
-    return image_stats(d)
+    return _check_page_images(d) or image_stats(d)
 
 
 PAGE_SIZE = 4096
@@ -119,23 +123,25 @@ PE_PRESENT = 1 << 2
 MAX_PAGEMAP_BYTES = 64 << 20
 
 
-def _entries(path: Path) -> list[bytes]:
+def _entries(path: str) -> list[bytes]:
     """The protobuf entries of a CRIU image file: two magics, then (u32 length, message) pairs."""
-    size = path.stat().st_size
+    d = os.path.dirname(path)
+    size = os.stat(path).st_size
     if size > MAX_PAGEMAP_BYTES:
-        raise CriuImageError("corrupt", str(path.parent), f"{path} is {size} bytes: too big for a pagemap")
-    data = path.read_bytes()
+        raise CriuImageError("corrupt", d, f"{path} is {size} bytes: too big for a pagemap")
+    with open(path, "rb") as f:
+        data = f.read()
     if len(data) < 8 or struct.unpack_from("<I", data, 0)[0] != IMG_COMMON_MAGIC:
-        raise CriuImageError("corrupt", str(path.parent), f"{path} is corrupt: bad magic")
+        raise CriuImageError("corrupt", d, f"{path} is corrupt: bad magic")
     out, pos = [], 8
     while pos < len(data):
         if len(data) - pos < 4:
-            raise CriuImageError("corrupt", str(path.parent), f"{path} is truncated at byte {pos}")
+            raise CriuImageError("corrupt", d, f"{path} is truncated at byte {pos}")
         (length,) = struct.unpack_from("<I", data, pos)
         pos += 4
         if length > len(data) - pos:
-            raise CriuImageError("corrupt", str(path.parent), f"{path} is truncated: an entry of {length} bytes "
-                                                             f"at byte {pos} runs past its end")
+            raise CriuImageError("corrupt", d, f"{path} is truncated: an entry of {length} bytes "
+                                               f"at byte {pos} runs past its end")
         out.append(data[pos:pos + length])
         pos += length
     return out
@@ -149,32 +155,33 @@ def expected_page_bytes(directory: str | os.PathLike) -> dict[str, int]:
     from ttrpc.protocol_errors import ProtocolError
     from ttrpc.wire import iter_fields
 
-    d = Path(directory)
+    d = str(Path(directory))
     expected: dict[str, int] = {}
-    for pm in sorted(d.glob("pagemap*.img")):
+    for name in sorted(n for n in os.listdir(d) if n.startswith("pagemap") and n.endswith(".img")):
+        pm = os.path.join(d, name)
         entries = _entries(pm)
         if not entries:
-            raise CriuImageError("corrupt", str(d), f"{pm} has no pagemap head")
+            raise CriuImageError("corrupt", d, f"{pm} has no pagemap head")
         try:
             head = {n: v for n, _, v in iter_fields(entries[0])}
             if not isinstance(head.get(1), int):
-                raise CriuImageError("corrupt", str(d), f"{pm}: the pagemap head names no pages image")
+                raise CriuImageError("corrupt", d, f"{pm}: the pagemap head names no pages image")
             pages = 0
             for raw in entries[1:]:
                 entry = {n: v for n, _, v in iter_fields(raw)}
                 nr, flags = entry.get(2, 0), entry.get(4)
                 in_parent = bool(entry.get(3, 0))
                 if not isinstance(nr, int) or not isinstance(flags, (int, type(None))):
-                    raise CriuImageError("corrupt", str(d), f"{pm}: a malformed pagemap entry")
+                    raise CriuImageError("corrupt", d, f"{pm}: a malformed pagemap entry")
                 if flags is None:  # images before the flags field: present unless in the parent
                     flags = 0 if in_parent else PE_PRESENT
                 if in_parent or flags & PE_PARENT or not flags & PE_PRESENT:
                     continue
                 pages += nr
         except ProtocolError as exc:
-            raise CriuImageError("corrupt", str(d), f"{pm} is corrupt: {exc}") from exc
-        name = f"pages-{head[1]}.img"
-        expected[name] = expected.get(name, 0) + pages * PAGE_SIZE
+            raise CriuImageError("corrupt", d, f"{pm} is corrupt: {exc}") from exc
+        pages_name = f"pages-{head[1]}.img"
+        expected[pages_name] = expected.get(pages_name, 0) + pages * PAGE_SIZE
     return expected
 
 
@@ -182,23 +189,30 @@ def check_page_images(directory: str | os.PathLike) -> None:
     """Raise CriuImageError('truncated') unless every page image has the size its pagemaps (and, where
     the checkpoint was ours, the completion marker) recorded. Cheap: pagemaps are small, page images
     are only stat'ed."""
-    d = Path(directory)
+    _check_page_images(str(Path(directory)))
+
+
+def _check_page_images(d: str) -> Optional[ImageStats]:
+    """`check_page_images`; the image's stats when it had to walk the directory for them."""
     for name, want in expected_page_bytes(d).items():
+        path = os.path.join(d, name)
         try:
-            have = os.lstat(d / name).st_size
+            have = os.lstat(path).st_size
         except FileNotFoundError:
             have = -1
         if have != want and not (have == -1 and want == 0):
             what = "is missing" if have < 0 else f"holds {have} bytes"
-            raise CriuImageError("truncated", str(d), f"{d / name} {what} but the image's pagemaps record "
-                                                      f"{want} bytes of pages: refusing to restore a truncated "
-                                                      f"or padded image")
+            raise CriuImageError("truncated", d, f"{path} {what} but the image's pagemaps record "
+                                                 f"{want} bytes of pages: refusing to restore a truncated "
+                                                 f"or padded image")
     recorded = ((read_completion(d) or {}).get("stats") or {}).get("page_bytes")
-    if isinstance(recorded, int):
-        have = image_stats(d).page_bytes
-        if have != recorded:
-            raise CriuImageError("truncated", str(d), f"{d} holds {have} bytes of page images but its checkpoint "
-                                                      f"recorded {recorded} ({COMPLETE_MARKER})")
+    if not isinstance(recorded, int):
+        return None
+    stats = image_stats(d)
+    if stats.page_bytes != recorded:
+        raise CriuImageError("truncated", d, f"{d} holds {stats.page_bytes} bytes of page images but its "
+                                             f"checkpoint recorded {recorded} ({COMPLETE_MARKER})")
+    return stats
 
 
 def mark_complete(directory: str | os.PathLike, meta: Optional[Mapping[str, Any]] = None) -> Path:
@@ -218,7 +232,8 @@ def mark_complete(directory: str | os.PathLike, meta: Optional[Mapping[str, Any]
 def read_completion(directory: str | os.PathLike) -> Optional[dict]:
     """The marker's content, or None when absent or unreadable (treated as not complete)."""
     try:
-        doc = json.loads((Path(directory) / COMPLETE_MARKER).read_text())
+        with open(os.path.join(directory, COMPLETE_MARKER), "rb") as f:
+            doc = json.loads(f.read())
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) and doc.get("version") == MARKER_VERSION else None

@@ -138,7 +138,8 @@ fi
 # ---- 4. Python venv -----------------------------------------------------------------------------
 VENV="$REPO/.venv"
 stamp_file="$VENV/.kybernate-setup-stamp"
-stamp=$(cat "$REPO/setup.cfg" "$REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)
+# the shim's script is copied into the venv at install (setup.cfg's scripts), so a change to it reinstalls too
+stamp=$(cat "$REPO/setup.cfg" "$REPO/pyproject.toml" "$REPO/bin/containerd-shim-kybernate-v1" | sha256sum | cut -d' ' -f1)
 t0=$(now)
 if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
     rm -rf "$VENV"

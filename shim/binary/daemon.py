@@ -104,7 +104,10 @@ def _listener(flags: Flags) -> socket.socket:
     return socket.socket(fileno=3)
 
 
-def run(flags: Flags) -> int:
+def run(flags: Flags, preloaded: frozenset[str] | None = None, loop: asyncio.AbstractEventLoop | None = None) -> int:
+    """Serve until Shutdown. `preloaded`: the modules the warm template had loaded when it forked
+    this daemon (None when exec'd cold); what the daemon imports beyond them is logged when it shuts
+    down. `loop`: an event loop made ahead (by the template's spare), else asyncio.run makes one."""
     setup_logging(flags)
     from shim.runtime.reaper import set_subreaper
 
@@ -119,14 +122,34 @@ def run(flags: Flags) -> int:
         log.error("no listening socket (fd 3 from start, or -socket): %s", exc)
         return 1
     try:
-        asyncio.run(_serve(flags, sock))
+        if loop is None:
+            asyncio.run(_serve(flags, sock, preloaded))
+        else:
+            with asyncio.Runner(loop_factory=lambda: loop) as runner:
+                runner.run(_serve(flags, sock, preloaded))
     except Exception:
         log.exception("shim failed")
         return 1
     return 0
 
 
-async def _serve(flags: Flags, sock: socket.socket) -> None:
+def late_imports(preloaded: frozenset[str]) -> list[str]:
+    """The modules loaded now that the warm template had not loaded (`preloaded`)."""
+    import sys
+
+    return sorted(set(sys.modules) - preloaded)
+
+
+def report_late_imports(preloaded: frozenset[str]) -> None:
+    """Every import a forked daemon makes itself sits on the critical path of some RPC (a few ms
+    each, tens for a package): list them, at debug level, so that the template's preload list
+    (`shim.binary.template.PRELOAD`) can follow the code (tests/integration/test_checkpoint.py
+    checks that a ctr run, checkpoint and restore need none)."""
+    late = late_imports(preloaded)
+    log.debug("warm template: %d modules imported after the fork: %s", len(late), " ".join(late) or "none")
+
+
+async def _serve(flags: Flags, sock: socket.socket, preloaded: frozenset[str] | None = None) -> None:
     from ttrpc import Server
 
     from shim.task.events import Publisher
@@ -150,6 +173,8 @@ async def _serve(flags: Flags, sock: socket.socket) -> None:
     log.debug("serving on %s (pid %d)", path or "fd 3", os.getpid())
     await stop.wait()
     log.info("shutting down")
+    if preloaded is not None:
+        report_late_imports(preloaded)
     await server.shutdown(grace=2.0)
     await publisher.close(timeout=5.0)
     await service.close()

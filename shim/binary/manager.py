@@ -237,7 +237,7 @@ def start(flags: Flags) -> int:
             return 1
         if can_connect(address):
             # a shim for this group (pod) is already serving: containerd talks to it
-            atomic_write(os.path.join(bundle, ADDRESS_FILE), address)
+            atomic_write(os.path.join(bundle, ADDRESS_FILE), address, durable=False)
             sys.stdout.write(bootstrap_output(address))
             return 0
         try:
@@ -248,7 +248,8 @@ def start(flags: Flags) -> int:
             return 1
 
     try:
-        atomic_write(os.path.join(bundle, ADDRESS_FILE), address)
+        # the bundle is containerd's state dir (/run): its files are replaced atomically, not fsync'ed
+        atomic_write(os.path.join(bundle, ADDRESS_FILE), address, durable=False)
         pid = _start_daemon(flags, listener.fileno())
     except OSError as exc:
         listener.close()
@@ -257,8 +258,8 @@ def start(flags: Flags) -> int:
         return 1
     listener.close()
     try:
-        atomic_write(os.path.join(bundle, SHIM_PID_FILE), str(pid))
-        cgroup = _read_stdin_options().shim_cgroup
+        atomic_write(os.path.join(bundle, SHIM_PID_FILE), str(pid), durable=False)
+        cgroup = _shim_cgroup_from_stdin()
         if cgroup:
             _join_cgroup(pid, cgroup)
         _adjust_oom_score(pid)
@@ -274,22 +275,25 @@ def start(flags: Flags) -> int:
     return 0
 
 
-def _read_stdin_options():
-    """The runtime options containerd writes on stdin (only ShimCgroup matters to `start`).
+def _shim_cgroup_from_stdin() -> str:
+    """ShimCgroup from the runtime options containerd writes on stdin ("" when it names none).
 
     Options that do not decode fail `start` with a ValueError naming them, as containerd's runc shim
     fails its start ("failed to read runtime options"): a ShimCgroup dropped in silence would leave the
-    shim in containerd's cgroup. No stdin (a terminal, or nothing written) means no options."""
-    from shim.runtime.options import OptionsError, RuntimeOptions, parse_marshalled_any
-
+    shim in containerd's cgroup. No stdin (a terminal, or nothing written, as for ``ctr run``) means no
+    options, and then the options parser is not even imported (a millisecond of every `start`)."""
     try:
         if os.isatty(0):
-            return RuntimeOptions()
+            return ""
         data = os.read(0, 1 << 20)
     except OSError:
-        return RuntimeOptions()
+        return ""
+    if not data:
+        return ""
+    from shim.runtime.options import OptionsError, parse_marshalled_any
+
     try:
-        return parse_marshalled_any(data)
+        return parse_marshalled_any(data).shim_cgroup
     except OptionsError as exc:
         raise ValueError(f"runtime options on stdin do not decode ({len(data)} bytes): {exc}") from exc
 

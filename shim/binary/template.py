@@ -2,7 +2,11 @@
 
 `shim.binary.warm` says why there is one and how `start` reaches it. For each request the template
 forks; the grandchild becomes the daemon (new session, the bundle as cwd, stdio on /dev/null, the
-shim's socket as fd 3, `shim.binary.daemon.run`) and its pid goes back to `start`.
+shim's socket as fd 3, `shim.binary.daemon.run`) and its pid goes back to `start`. When the template
+has been idle for `SPARE_AFTER` it forks that grandchild ahead of time, a spare (`Spare`: session,
+stdio and event loop made, command line ending in ``warm-spare``) waiting on a socketpair only the
+template holds; the next request it has checked goes to the spare (which checks it again), and
+`start` gets the spare's pid without waiting for a fork. Requests that find no spare are forked for.
 
 The daemons it forks run as host root, so the template serves the shim binary alone:
 
@@ -46,7 +50,9 @@ The template is this binary with the private action ``warm`` and containerd's ``
 tooling that looks for a containerd's shims finds it too). It never runs an event loop or threads
 (so fork is safe), never becomes a subreaper, and exits when any of its loaded modules, its script
 or its interpreter changed on disk (an upgraded shim must not fork old code), when its containerd is
-gone, on SIGTERM, or after `IDLE_EXIT` seconds without a request.
+gone, on SIGTERM, or after `IDLE_EXIT` seconds without a request; its spare exits with it (its
+channel closes), and a spare is never used once the code on disk changed (the template steps aside
+first).
 
 Imports: `cli` runs it (action ``warm``); it imports `warm` (names, request format), `flags` and
 `daemon` (preloaded, and run in the fork), never `cli` or `manager` (the plan is drawn in
@@ -62,6 +68,7 @@ import socket
 import struct
 import sys
 import time
+from typing import Optional
 
 from shim.binary.flags import (MODULE_COMMAND, RUNTIME_NAME, Flags, UsageError, binary_command, identifier_error,
                                parse_flags)
@@ -70,6 +77,8 @@ from shim.binary.warm import (MAGIC, REPLY_TIMEOUT, REQUEST_FIELDS, S_IFDIR, S_I
 
 IDLE_EXIT = 600.0
 LIVENESS_CHECK = 15.0
+SPARE_AFTER = 0.5        # seconds without a request before the template forks a spare daemon
+SPARE_ACTION = "warm-spare"  # what a spare's command line ends with until it serves a shim
 LOG_ROTATE_BYTES = 1 << 20
 MAX_REQUEST = 16 << 10
 MAX_VALUE = 4096
@@ -326,32 +335,61 @@ def _loaded_sources(binary: str) -> dict[str, float]:
     return out
 
 
-def _stale(sources: dict[str, float]) -> bool:
+def _stale(sources: dict[str, float]) -> str:
+    """The first of `sources` that changed on disk (or is gone), "" when none did."""
     for f, mtime in sources.items():
         try:
             if os.stat(f).st_mtime != mtime:
-                return True
+                return f
         except OSError:
-            return True
-    return False
+            return f
+    return ""
+
+
+#: Everything a forked daemon imports on its way through the Task API of a CPU container (serve,
+#: Create, Start, restore from a checkpoint with its rootfs diff, exec, pause, checkpoint with its
+#: seal and CRIU's stats, the first event it publishes):
+#: imported here once, so that no RPC pays for an import (a few ms each; tomllib and criu over ten
+#: together). A daemon lists what it had to import itself when it shuts down (debug level,
+#: `shim.binary.daemon.report_late_imports`); tests/integration/test_checkpoint.py keeps that list empty.
+PRELOAD = (
+    "asyncio", "asyncio.unix_events", "concurrent.futures.thread", "ctypes", "mmap", "tomllib",
+    "ttrpc", "ttrpc.server", "ttrpc.client", "ttrpc.calls", "ttrpc.unix",
+    "proto.containerd.task.v3.shim_pb2", "proto.containerd.services.ttrpc.events.v1.events_pb2",
+    "shim.binary.daemon", "shim.wire", "shim.runtime.options", "shim.task.container", "shim.task.events",
+    "shim.task.service", "shim.checkpoint.seam", "shim.checkpoint.witness", "shim.checkpoint.rootfs_diff",
+    "criu.images", "criu.plans", "criu.config", "criu.logs", "criu.stats", "tarfile", "grp", "pwd",
+)
 
 
 def _preload() -> None:
-    """Everything the daemon imports before it can serve Create, so a fork serves at once."""
-    import asyncio  # noqa: F401
-    import asyncio.unix_events  # noqa: F401
+    """Import `PRELOAD` (and the cgroup helpers where this host has them) and parse the node config,
+    then freeze what is loaded out of the garbage collector's reach: a forked daemon's collections
+    then never walk (and so never copy-on-write) the template's objects."""
+    import gc
+    from importlib import import_module
 
-    import ttrpc  # noqa: F401
-    from shim.task import container  # noqa: F401
-    from shim.binary import daemon  # noqa: F401
-    from shim.task import events  # noqa: F401
-    from shim.checkpoint import seam  # noqa: F401
-    from shim.task import service  # noqa: F401
-    from proto.containerd.task.v3 import shim_pb2  # noqa: F401
+    for name in PRELOAD:
+        import_module(name)
     try:
         import shim.cgroups  # noqa: F401
     except Exception:
         pass
+    from shim.policy.node import NodeConfig, NodeConfigError
+
+    try:
+        NodeConfig.load()  # parsed once here: a daemon's Create then finds the file unchanged
+    except NodeConfigError:
+        pass  # each Create reports it
+    try:
+        _cmdline_tools()
+    except (OSError, AttributeError):
+        pass  # set_cmdline says so in each daemon
+    from shim.checkpoint import witness
+
+    witness.fs_type(0)  # libc's fstatfs looked up here: a restore's seal check does not
+    gc.collect()
+    gc.freeze()
 
 
 class LogFileHandler(logging.Handler):
@@ -467,6 +505,7 @@ def serve(flags: Flags) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean up the socket files on the way out
     boot = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    spares: list[Spare] = []  # at most one
     try:
         _bind_fresh(boot, boot_socket(path))  # from the first instant: `start` spawns no second template
         boot.listen(1)
@@ -475,9 +514,10 @@ def serve(flags: Flags) -> int:
         own_environ = exec_environ()  # containerd's, as the `start` that spawned us got it
         _bind_fresh(sock, path)
         sock.listen(64)
-        sock.settimeout(LIVENESS_CHECK)
         last_request = time.monotonic()
+        spare_failed = False
         while True:
+            sock.settimeout(LIVENESS_CHECK if spares or spare_failed else SPARE_AFTER)
             try:
                 conn, _ = sock.accept()
             except socket.timeout:
@@ -485,14 +525,20 @@ def serve(flags: Flags) -> int:
                     return 0
                 if _stale(sources):
                     return 0
+                if not spares and not spare_failed:  # idle: the next `start` will find a daemon waiting
+                    spare = _make_spare(flags.address, own_environ, handler, [sock.fileno(), boot.fileno(), lock])
+                    spares += [spare] if spare is not None else []
+                    spare_failed = spare is None  # tried again after the next request
                 continue
             last_request = time.monotonic()
+            spare_failed = False
             with conn:
                 try:
-                    if _stale(sources):
-                        raise Stale("the shim's code changed on disk")
+                    changed = _stale(sources)
+                    if changed:
+                        raise Stale(f"the shim's code changed on disk ({changed})")
                     _handle(conn, binary, flags.address, own_environ, handler,
-                            [sock.fileno(), boot.fileno(), lock])
+                            [sock.fileno(), boot.fileno(), lock], spares)
                 except Stale as exc:
                     log.info("warm template stepping aside: %s", exc)
                     _reply(conn, f"stale: {exc}")
@@ -504,6 +550,8 @@ def serve(flags: Flags) -> int:
         log.exception("warm template for containerd %s failed", flags.address)
         return 1
     finally:
+        for spare in spares:
+            spare.close()  # it sees the end of its channel and exits
         for p in (path, boot_socket(path), lock_path(path)):  # ours: we hold the lock
             try:
                 os.unlink(p)
@@ -575,9 +623,10 @@ def _receive(conn) -> tuple[bytes, list[int]]:
 
 
 def _handle(conn, binary: str, containerd_address: str, own_environ: dict[bytes, bytes], handler,
-            template_fds: list[int]) -> None:
-    """Serve one connection: check the peer, read and check its request, fork its daemon; a
-    `Refusal` is answered and audited, `Stale` and other errors go up to the loop."""
+            template_fds: list[int], spares: list["Spare"]) -> None:
+    """Serve one connection: check the peer, read and check its request, hand it to the spare daemon
+    (`spares`, taken from the list) or fork its daemon; a `Refusal` is answered and audited, `Stale`
+    and other errors go up to the loop."""
     conn.settimeout(REPLY_TIMEOUT)
     listen_fd = -1
     peer = request = None
@@ -594,7 +643,9 @@ def _handle(conn, binary: str, containerd_address: str, own_environ: dict[bytes,
         if not peer.alive():
             raise Refusal("peer", peer.describe(), "exited during the check")
         peer.close()  # no daemon inherits the pidfd
-        _fork_daemon(conn, request, listen_fd, handler, template_fds)
+        spare = spares.pop() if spares else None
+        if spare is None or not _hand_to_spare(spare, conn, request, body, listen_fd):
+            _fork_daemon(conn, request, listen_fd, handler, template_fds)
     except Refusal as refusal:
         logging.getLogger("kybernate.audit").warning(
             "AUDIT refused container=%s namespace=%s key=%s value=%s why=%s source=warm-template peer_pid=%s "
@@ -611,12 +662,13 @@ def _handle(conn, binary: str, containerd_address: str, own_environ: dict[bytes,
 def _fork_daemon(conn, request: WarmRequest, listen_fd: int, handler, template_fds: list[int]) -> None:
     """Fork twice: the grandchild becomes the daemon, the child reports its pid and exits, so the
     daemon is nobody's child here (re-parented to containerd's subreaper or init), as an exec'd one."""
+    preloaded = _loaded_modules()
     pid = os.fork()
     if pid == 0:  # child: fork the daemon, report its pid, vanish (the daemon is re-parented)
         try:
             daemon_pid = os.fork()
             if daemon_pid == 0:
-                _become_daemon(request, listen_fd, [conn.fileno(), *template_fds], handler)
+                _become_daemon(request, listen_fd, [conn.fileno(), *template_fds], handler, preloaded)
             try:
                 conn.sendall(f"{daemon_pid}\n".encode())
             except OSError:
@@ -635,6 +687,30 @@ def _fork_daemon(conn, request: WarmRequest, listen_fd: int, handler, template_f
 _CMDLINE_KEEP: list = []  # the memory /proc/<pid>/cmdline points at after set_cmdline
 
 
+_CMDLINE_TOOLS: list = []  # [libc, MmMap], made once by `_cmdline_tools`
+
+
+def _cmdline_tools() -> list:
+    """libc (sbrk, prctl typed) and the prctl_mm_map structure: made once, by the template before it
+    forks (a ctypes Structure class and libc's function objects cost a forked daemon ~1 ms and two
+    hundred copy-on-write faults to make)."""
+    if not _CMDLINE_TOOLS:
+        import ctypes
+
+        class MmMap(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_uint64) for n in (
+                "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+                "arg_start", "arg_end", "env_start", "env_end", "auxv")] + [
+                ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_uint32)]
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.sbrk.restype = ctypes.c_void_p
+        libc.sbrk.argtypes = [ctypes.c_long]
+        libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        _CMDLINE_TOOLS[:] = [libc, MmMap]
+    return _CMDLINE_TOOLS
+
+
 def set_cmdline(argv: list[str]) -> bool:
     """Make /proc/self/cmdline (ps, containerd tooling) show `argv` instead of the template's.
 
@@ -645,17 +721,8 @@ def set_cmdline(argv: list[str]) -> bool:
     import ctypes
     import mmap
 
-    class MmMap(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_uint64) for n in (
-            "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
-            "arg_start", "arg_end", "env_start", "env_end", "auxv")] + [
-            ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_uint32)]
-
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.sbrk.restype = ctypes.c_void_p
-        libc.sbrk.argtypes = [ctypes.c_long]
-        libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        libc, MmMap = _cmdline_tools()
         data = b"\0".join(a.encode() for a in argv) + b"\0"
         # private anonymous memory: the kernel reads cmdline with FOLL_ANON
         buf = mmap.mmap(-1, len(data), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -676,37 +743,203 @@ def set_cmdline(argv: list[str]) -> bool:
         return False
 
 
-def _become_daemon(request: WarmRequest, listen_fd: int, close: list[int], handler) -> None:
+_LOADED: frozenset[str] = frozenset()
+
+
+def _loaded_modules() -> frozenset[str]:
+    """The names of the modules loaded here (a daemon reports what it imports beyond them), made
+    again only when there are more: a daemon that made the set itself would touch every name, and
+    so copy every page that holds one (a few hundred page faults before it can serve)."""
+    global _LOADED
+    if len(_LOADED) != len(sys.modules):
+        _LOADED = frozenset(sys.modules)
+    return _LOADED
+
+
+def _become_daemon(request: WarmRequest, listen_fd: int, close: list[int], handler,
+                   preloaded: frozenset[str]) -> None:
     """In the grandchild: shed the template, become the daemon for `request`, never return."""
     code = 1
     try:
-        os.setsid()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
-        for fd in close:
-            os.close(fd)
-        os.chdir(request.bundle)
-        if PER_SHIM_ENV in os.environb:
-            os.environb[PER_SHIM_ENV] = os.fsencode(request.namespace)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        if listen_fd != 3:
-            os.dup2(listen_fd, 3)
-            os.close(listen_fd)
-        if null > 3:
-            os.close(null)
-        flags = request.flags()
-        argv = binary_command() + flags.daemon_args()
-        sys.argv = list(argv)
-        set_cmdline(argv)
-        from shim.binary import daemon
-
-        if handler is not None:
-            logging.getLogger().removeHandler(handler)
-            handler.close()  # the daemon logs to its bundle's fifo; the template's file stays shut
-        code = daemon.run(flags)
+        _shed_template(close)
+        code = _run_daemon(request, listen_fd, handler, preloaded)
     except BaseException:
         logging.getLogger("kybernate.warm").exception("warm template: daemon for %s failed to start", request.id)
+    finally:
+        os._exit(code if isinstance(code, int) else 1)
+
+
+def _shed_template(close: list[int]) -> None:
+    """In a fork that is to be a daemon: a session of its own, default signals, none of the template's
+    descriptors in `close`, stdio on /dev/null."""
+    os.setsid()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
+    for fd in close:
+        os.close(fd)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def _run_daemon(request: WarmRequest, listen_fd: int, handler, preloaded: frozenset[str], loop=None) -> int:
+    """The daemon for `request`: its bundle as cwd, its namespace, the shim's socket as fd 3, its own
+    command line, then `shim.binary.daemon.run` (on `loop` when one was made ahead)."""
+    os.chdir(request.bundle)
+    if PER_SHIM_ENV in os.environb:
+        os.environb[PER_SHIM_ENV] = os.fsencode(request.namespace)
+    if listen_fd != 3:
+        os.dup2(listen_fd, 3)
+        os.close(listen_fd)
+    flags = request.flags()
+    argv = binary_command() + flags.daemon_args()
+    sys.argv = list(argv)
+    set_cmdline(argv)
+    from shim.binary import daemon
+
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()  # the daemon logs to its bundle's fifo; the template's file stays shut
+    return daemon.run(flags, preloaded, loop)
+
+
+# -- the spare: a daemon forked while the template is idle ----------------------------------------
+
+class Spare:
+    """A daemon forked ahead of time, as any daemon is (twice, so that it is nobody's child here), that
+    has shed the template and made its event loop (and the thread its blocking work goes to), and
+    waits on a private socketpair (no name anywhere: only the template holds the other end) for the
+    one request it will serve. A `start` that finds one waits for no fork, and the daemon is serving
+    sooner: on a 2-core node `start` took 21.7 ms instead of 24.0, and containerd's connection was
+    accepted 2.3 ms after it exited instead of 6.1 (bench/results/cpu-restore). It exits when the
+    channel closes unused (the template stepped aside, exited or was killed)."""
+
+    def __init__(self, pid: int, pidfd: int, chan: socket.socket):
+        self.pid, self.pidfd, self.chan = pid, pidfd, chan
+
+    def take(self, body: bytes, listen_fd: int) -> bool:
+        """Hand over a request the template has checked and the shim's socket; True once the spare
+        said it took them (it checks the request again). Otherwise it is killed: one daemon per
+        socket, and the caller forks one."""
+        try:
+            socket.send_fds(self.chan, [body], [listen_fd])
+            answer = self.chan.recv(4096)
+        except OSError as exc:
+            answer = f"no answer ({exc.strerror or exc})".encode()
+        if answer == b"ok":
+            return True
+        logging.getLogger("kybernate.warm").warning("warm template: spare daemon %d did not take a request: %s",
+                                                    self.pid, answer.decode("utf-8", "replace")[:300])
+        self.kill()
+        return False
+
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.chan.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def _hand_to_spare(spare: Spare, conn, request: WarmRequest, body: bytes, listen_fd: int) -> bool:
+    """Serve a checked request with the spare: True when it took it and `start` has its pid."""
+    try:
+        if not spare.take(body, listen_fd):
+            return False
+        try:
+            conn.sendall(f"{spare.pid}\n".encode())
+        except OSError:
+            spare.kill()  # start gave up on us and went cold: one daemon per socket
+            logging.getLogger("kybernate.warm").warning(
+                "warm template: start for %s gave up before the reply; daemon %d killed", request.id, spare.pid)
+        return True
+    finally:
+        spare.close()
+
+
+def _make_spare(containerd_address: str, own_environ: dict[bytes, bytes], handler,
+                template_fds: list[int]) -> Optional[Spare]:
+    """Fork a spare daemon (see `Spare`); None, logged, when that fails."""
+    log = logging.getLogger("kybernate.warm")
+    preloaded = _loaded_modules()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: fork the spare, vanish (the spare is re-parented, as a daemon is)
+            try:
+                if os.fork() == 0:
+                    ours.close()  # the spare holds its own end only: it sees the template go
+                    _spare(theirs, containerd_address, own_environ, handler, preloaded, template_fds)
+                os._exit(0)
+            except BaseException:
+                log.exception("warm template: forking a spare daemon failed")
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+    except OSError:
+        log.exception("warm template: forking a spare daemon failed")
+        ours.close()
+        return None
+    finally:
+        theirs.close()
+    try:
+        if status != 0:
+            raise OSError(f"the fork exited with status {status:#x}")
+        ours.settimeout(REPLY_TIMEOUT)
+        spare_pid = int(ours.recv(64).decode().strip() or "0")  # once it shed the template
+        pidfd = os.pidfd_open(spare_pid)
+    except (OSError, ValueError) as exc:
+        log.warning("warm template: no spare daemon: %s", exc)
+        ours.close()
+        return None
+    return Spare(spare_pid, pidfd, ours)
+
+
+def _spare(chan: socket.socket, containerd_address: str, own_environ: dict[bytes, bytes], handler,
+           preloaded: frozenset[str], close: list[int]) -> None:
+    """In the spare (the grandchild): shed the template, make the event loop, wait for the request,
+    then become its daemon; never returns. Its command line says it is the spare until then."""
+    import asyncio
+
+    code = 0
+    request = None
+    try:
+        _shed_template(close)
+        if chan.fileno() == 3:  # the template's lock holds 3 while it forks: not reached, but fd 3 is the shim's
+            moved = fcntl.fcntl(3, fcntl.F_DUPFD_CLOEXEC, 4)
+            chan.detach()
+            os.close(3)
+            chan = socket.socket(fileno=moved)
+        os.dup2(0, 3)  # fd 3 held for the shim's socket: the event loop's descriptors go above it
+        set_cmdline(binary_command() + ["-address", containerd_address, SPARE_ACTION])
+        loop = asyncio.new_event_loop()
+        loop.run_in_executor(None, int)  # the default executor's thread, started now: no RPC waits for it
+        chan.settimeout(None)
+        chan.sendall(f"{os.getpid()}\n".encode())
+        body, fds, _flags, _addr = socket.recv_fds(chan, MAX_REQUEST, 1)
+        if not body:
+            return  # the template is gone, or stepped aside: nothing to serve
+        try:
+            if len(fds) != 1:
+                raise Refusal("request", f"{len(fds)} fds", "want the shim's listening socket and nothing else")
+            _check_listener(fds[0])
+            request = parse_request(body, containerd_address, own_environ)  # checked by the template; again
+        except Refusal as refusal:
+            chan.sendall(f"refused: {refusal}".encode())
+            code = 1
+            return
+        chan.sendall(b"ok")
+        chan.close()
+        code = _run_daemon(request, fds[0], handler, preloaded, loop)
+    except BaseException:
+        logging.getLogger("kybernate.warm").exception("warm template: spare daemon%s failed",
+                                                      f" for {request.id}" if request else "")
+        code = 1
     finally:
         os._exit(code if isinstance(code, int) else 1)

@@ -2,7 +2,8 @@
 
 Why a template: a Python shim daemon needs ~250 ms of imports (asyncio, ttrpc, protobuf, the Task
 service) before it can answer containerd's first Create, and that sits on the critical path of
-every ``ctr run``. A template (`shim.binary.template`) pays it once and forks a daemon per shim.
+every ``ctr run``. A template (`shim.binary.template`) pays it once and forks a daemon per shim
+(ahead of time, while idle: a spare daemon waits for the next request).
 `start` sends it a fixed request (containerd's flags for the new shim, `encode_request`) and the
 shim's listening socket (SCM_RIGHTS) and gets the daemon's pid back. When there is no template (or
 it is stale, busy or refuses) `start` spawns the daemon the cold way (exec of this binary) and a

@@ -105,8 +105,9 @@ def prepare_bundle(bundle: str, spec: dict, settings: CheckpointSettings, contai
         return own
     path = os.path.join(bundle, TASK_CONFIG_NAME)
     try:
-        write_runc_criu_config(path, plugin_dir=settings.plugin_dir)
-        annotate_bundle(bundle, path)
+        # the bundle is containerd's state (/run): replaced atomically, not fsync'ed (`atomic_write`)
+        write_runc_criu_config(path, plugin_dir=settings.plugin_dir, durable=False)
+        annotate_bundle(bundle, path, durable=False)
     except (OSError, ValueError) as exc:
         raise TTRPCError(Code.FAILED_PRECONDITION,
                          f"create container {container_id}: cannot write the CRIU config {path}: {exc}") from exc

@@ -41,12 +41,20 @@ MAX_WITNESS_BYTES = 8 << 20
 LOCAL_FS = {0x01021994: "tmpfs", 0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs"}
 
 
+_FSTATFS: list = []  # libc's fstatfs, looked up once (a shim's warm template does it before it forks)
+
+
+def _fstatfs():
+    if not _FSTATFS:
+        _FSTATFS.append(ctypes.CDLL(None, use_errno=True).fstatfs)
+    return _FSTATFS[0]
+
+
 def fs_type(fd: int) -> Optional[int]:
     """statfs(2) f_type of an open fd (the first field of struct statfs on Linux), or None."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
         buf = ctypes.create_string_buffer(256)
-        if libc.fstatfs(fd, buf) != 0:
+        if _fstatfs()(fd, buf) != 0:
             return None
         return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
     except (OSError, AttributeError):

@@ -556,4 +556,4 @@ def _mark_deleted(bundle: str) -> None:
 
 
 def _write_state(bundle: str, state: dict) -> None:
-    atomic_write(os.path.join(bundle, STATE_FILE), json.dumps(state))
+    atomic_write(os.path.join(bundle, STATE_FILE), json.dumps(state), durable=False)  # the bundle: /run

@@ -269,8 +269,8 @@ def processes_of(cid: str, shims: bool = True) -> list[str]:
         if not args or "pytest" in " ".join(args) or not _names(args, cid):
             continue
         shim = any(os.path.basename(a) in SHIM_BINARIES for a in args[:2])
-        if shim and args[-1] == "warm":
-            continue  # the shim's warm template: started with the argv of the shim that spawned it
+        if shim and args[-1] in ("warm", "warm-spare"):
+            continue  # the shim's warm template (started with the argv of the shim that spawned it), its spare
         if shim and not shims:
             continue
         found.append(f"{pid}: {' '.join(args)}")

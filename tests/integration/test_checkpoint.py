@@ -63,6 +63,17 @@ def test_container_checkpoint_and_restore_continue_counting(containerd, runtime_
     finally:
         remove(cd, cid)
         cd.ctr("images", "rm", ref, check=False)
+    if runtime_name == KYBERNATE_RUNTIME:
+        # the restored task's daemon, a fork of the warm template, imported nothing of its own on the
+        # way through Create, Start and Delete (each import would sit on an RPC's critical path): it
+        # says so when it shuts down (shim.binary.template.PRELOAD, shim.binary.daemon.report_late_imports)
+        lines = wait_until(lambda: _late_import_lines(cd, cid), 10)
+        assert lines and all(" 0 modules imported after the fork" in line for line in lines), lines
+
+
+def _late_import_lines(cd, cid) -> list[str]:
+    return [line for line in cd.log_text().splitlines()
+            if "modules imported after the fork" in line and f" id={cid} " in line]
 
 
 def _runtime_config(tmp_path, **keys) -> str:

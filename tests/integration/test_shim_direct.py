@@ -739,8 +739,14 @@ def test_warm_template_forks_daemons_and_steps_aside_when_stale(tmp_path):
         templates = _pids_with("-address", address, "warm")
         assert len(templates) == 1
         pid, addr = start("second")
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = [a.decode() for a in f.read().split(b"\0") if a]
+        deadline = time.monotonic() + 10
+        while True:  # a forked daemon shows its own command line a moment after `start` returns (until then
+            # the template's, which it was forked from; a spare's, `... warm-spare`)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = [a.decode() for a in f.read().split(b"\0") if a]
+            if args[-1:] not in (["warm"], ["warm-spare"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         assert args[0] == str(SHIM_BINARY) and args[args.index("-id") + 1] == "second" and "warm" not in args
         with open(f"/proc/{pid}/stat") as f:
             ppid = int(f.read().rsplit(")", 1)[1].split()[1])

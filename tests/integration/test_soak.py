@@ -142,11 +142,20 @@ def _is_warm_template(pid: int) -> bool:
     return bool(args) and args[-1] == "warm"
 
 
+def _is_warm_spare(pid: int) -> bool:
+    """The template's spare daemon (``... warm-spare``), forked ahead for the next container."""
+    args = _cmdline(pid)
+    return bool(args) and args[-1] == "warm-spare"
+
+
 def _leftovers(cd: Containerd, ids: list[str], shims_before: set[int]) -> list[str]:
     found: list[str] = []
     shims = set(cd.shim_pids())
     templates = {p for p in shims if _is_warm_template(p)}
-    daemons = shims - templates - shims_before
+    spares = {p for p in shims if _is_warm_spare(p)}
+    if len(spares) > 1:
+        found.append(f"{len(spares)} spare daemons for one containerd: {sorted(spares)}")
+    daemons = shims - templates - spares - shims_before
     found += [f"shim pid {p} still running: {' '.join(_cmdline(p))}" for p in sorted(daemons)]
     if len(templates) > 1:
         found.append(f"{len(templates)} warm templates for one containerd: {sorted(templates)}")

@@ -48,6 +48,11 @@ def test_file_and_directory_are_fsynced_before_and_after_the_rename(tmp_path, mo
     monkeypatch.setattr(atomic.os, "replace", replace)
     atomic_write(tmp_path / "f", "data")
     assert events == ["fsync file", "rename", "fsync dir"]
+    events.clear()
+    atomic_write(tmp_path / "g", "bundle file", mode=0o600, durable=False)  # a bundle's (containerd's /run)
+    assert events == ["rename"]
+    assert (tmp_path / "g").read_text() == "bundle file" and stat.S_IMODE((tmp_path / "g").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "g"]
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):

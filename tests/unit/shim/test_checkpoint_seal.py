@@ -88,6 +88,23 @@ def test_many_threads_and_one_thread_seal_alike_and_resealing_replaces_the_manif
     assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []  # no temp file left
 
 
+def test_a_small_image_is_hashed_by_the_calling_thread_and_a_large_one_by_the_pool(tmp_path, monkeypatch):
+    """A CPU container's image (a few hundred KiB) costs more to hand to a pool than to hash; the pool
+    is for images of PARALLEL_MIN_BYTES and more (or when the caller names a thread count)."""
+    d = sealed(tmp_path / "img")
+    pools = []
+    real_pool = S.ThreadPoolExecutor
+    monkeypatch.setattr(S, "ThreadPoolExecutor", lambda *a, **kw: pools.append(kw) or real_pool(*a, **kw))
+    assert S.verify(str(d), KEY, NS).files == 5
+    assert pools == []
+    data = bytearray((d / "pages-1.img").read_bytes())
+    data[5000] ^= 1
+    (d / "pages-1.img").write_bytes(bytes(data))
+    assert refused(d).file == "pages-1.img" and pools == []  # every byte is still checked
+    monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 4096)
+    assert refused(d).file == "pages-1.img" and len(pools) == 1
+
+
 # ---- what verification refuses, naming the file -----------------------------------------------------
 @pytest.mark.parametrize("offset", [0, 4096 * 3 + 100, 5 * 4096 - 18])
 def test_a_flipped_byte_in_a_page_image_is_refused_naming_the_file_and_the_range(tmp_path, offset):
@@ -308,8 +325,31 @@ def test_create_verifies_the_seal_with_the_node_key(tmp_path, node_config):
     assert got == str(image)
 
 
+def test_containerd_checkpoint_of_a_small_image_is_checked_on_the_loop_and_a_large_one_in_a_thread(
+        tmp_path, node_config, monkeypatch):
+    """`ctr c restore` of a CPU container: its few hundred KiB are verified without the hand-over to a
+    thread (which costs more); a larger image goes to the thread. Both are verified (the refusals of
+    a tampered image by either way are the test below)."""
+    image = sealed(tmp_path / "img", key=node_config.key)
+    hops = []
+    real_to_thread = asyncio.to_thread
+
+    async def to_thread(fn, *args, **kwargs):
+        hops.append(fn)
+        return await real_to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(seam.asyncio, "to_thread", to_thread)
+    assert _create(tmp_path, image, how="checkpoint")[1] == str(image) and hops == []
+    monkeypatch.setattr(seam, "INLINE_IMAGE_BYTES", 1024)
+    assert _create(tmp_path, image, how="checkpoint")[1] == str(image) and len(hops) == 1
+
+
+@pytest.mark.parametrize("inline", [True, False])
 @pytest.mark.parametrize("how", ["annotation", "checkpoint"])
-def test_create_refuses_a_tampered_image_naming_the_file_with_an_audit_line(tmp_path, node_config, caplog, how):
+def test_create_refuses_a_tampered_image_naming_the_file_with_an_audit_line(tmp_path, node_config, caplog, how,
+                                                                          inline, monkeypatch):
+    if not inline:  # containerd's checkpoint of a small image is checked on the loop, else in a thread
+        monkeypatch.setattr(seam, "INLINE_IMAGE_BYTES", 0)
     image = sealed(tmp_path / "img", key=node_config.key)
     data = bytearray((image / "pages-1.img").read_bytes())
     data[5000] ^= 0x80

@@ -104,6 +104,30 @@ def test_the_plugin_dir_is_the_nodes_or_none(tmp_path, monkeypatch):
     assert settings_for(node).plugin_dir == str(plugins)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the node config must be owned by root")
+def test_the_node_config_is_checked_at_every_load_and_parsed_again_when_it_changed(tmp_path, monkeypatch):
+    """Every Create loads the node config: the file is read and its owner and mode checked each time;
+    the TOML parser runs again only when its bytes changed (a daemon forked from the warm template
+    finds the template's parse)."""
+    import tomllib
+
+    from shim.policy.node import NodeConfigError
+
+    path = tmp_path / "config.toml"
+    path.write_text(f'[criu]\nplugin_dir = "{tmp_path}/a"\n')
+    os.chmod(path, 0o644)
+    parses = []
+    real_loads = tomllib.loads
+    monkeypatch.setattr(tomllib, "loads", lambda text: parses.append(text) or real_loads(text))
+    assert [NodeConfig.load(path=str(path)).criu_plugin_dir for _ in range(3)] == [f"{tmp_path}/a"] * 3
+    assert len(parses) == 1
+    path.write_text(f'[criu]\nplugin_dir = "{tmp_path}/b"\n')
+    assert NodeConfig.load(path=str(path)).criu_plugin_dir == f"{tmp_path}/b" and len(parses) == 2
+    os.chmod(path, 0o664)  # the same bytes, now writable by its group: refused all the same
+    with pytest.raises(NodeConfigError, match="not writable by group or others"):
+        NodeConfig.load(path=str(path))
+
+
 # ---- restore-from --------------------------------------------------------------------------------
 @pytest.fixture
 def node(tmp_path):

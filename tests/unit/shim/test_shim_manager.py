@@ -125,7 +125,7 @@ def test_runtime_options_on_stdin_that_do_not_decode_fail_start():
     from proto.anyutil import pack
     from proto.containerd.runc.v1 import options_pb2
 
-    code = "from shim.binary.manager import _read_stdin_options as r; print(repr(r().shim_cgroup))"
+    code = "from shim.binary.manager import _shim_cgroup_from_stdin as r; print(repr(r()))"
     good = pack(options_pb2.Options(shim_cgroup="/kyb/pod1")).SerializeToString()
     ok = subprocess.run([sys.executable, "-c", code], input=good, capture_output=True, timeout=30)
     assert ok.returncode == 0 and ok.stdout.strip() == b"'/kyb/pod1'", ok.stderr

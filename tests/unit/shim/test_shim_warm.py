@@ -458,6 +458,60 @@ def test_template_refuses_and_audits_foreign_peers_and_bad_requests_then_serves_
     assert not any(t.warm_dir.iterdir()) or [p.name for p in t.warm_dir.iterdir()] == [Path(warm.log_path(t.socket)).name]
 
 
+def _cmdline_of(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
+
+
+def _spares_of(t: "Template") -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()
+            and _cmdline_of(int(d)) == [str(t.script), "-address", t.address, template.SPARE_ACTION]]
+
+
+def _wait_for(find, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while not (found := find()):
+        assert time.monotonic() < deadline, "not there in time"
+        time.sleep(0.05)
+    return found
+
+
+@needs_root
+def test_an_idle_template_keeps_a_spare_daemon_that_the_next_start_gets(make_template, run_dir):
+    """Idle, the template forks the next daemon ahead: nobody's child, a session of its own, its command
+    line saying what it is. The next checked request goes to it: `start` gets its pid, and it becomes
+    that shim's daemon. A spare that is gone is forked for instead; the template's end is the spare's."""
+    t = make_template()
+    spare = _wait_for(lambda: _spares_of(t))[0]
+    with open(f"/proc/{spare}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    assert int(fields[1]) != t.proc.pid and int(fields[3]) == spare  # ppid, session id
+    assert t.children() == []
+    reply = t.start(t.body(cid="good"), cid="good")
+    assert reply == str(spare)
+    try:
+        args = _wait_for(lambda: (lambda a: a if "-id" in a else None)(_cmdline_of(spare)))
+        assert args[0] == str(t.script) and args[args.index("-id") + 1] == "good"
+        assert os.readlink(f"/proc/{spare}/cwd") == str(run_dir / "bundle")
+    finally:
+        os.kill(spare, signal.SIGKILL)
+    # idle again: another spare; killed, the next start gets a daemon forked for it
+    second = _wait_for(lambda: [p for p in _spares_of(t) if p != spare])[0]
+    os.kill(second, signal.SIGKILL)
+    _wait_for(lambda: not os.path.exists(f"/proc/{second}/cmdline") or _cmdline_of(second) == [])
+    reply = t.start(t.body(cid="next"), cid="next")
+    assert reply.isdigit() and int(reply) != second, reply
+    os.kill(int(reply), signal.SIGKILL)
+    assert f"spare daemon {second} did not take a request" in t.log()
+    third = _wait_for(lambda: _spares_of(t))[0]
+    t.stop()  # the template's end closes the spare's channel: it goes too
+    _wait_for(lambda: third not in _spares_of(t))
+    assert "Traceback" not in t.log(), t.log()
+
+
 @needs_root
 def test_a_changed_containerd_environment_makes_the_template_step_aside(make_template):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KYB_TEST": "1"}
@@ -495,6 +549,19 @@ def test_set_cmdline_changes_what_ps_shows():
     if ok != "True":
         pytest.skip("PR_SET_MM_MAP not permitted here")
     assert cmdline == repr(b'/usr/bin/containerd-shim-kybernate-v1\x00-id\x00a-rather-long-container-id-42\x00')
+
+
+def test_the_template_preloads_the_daemons_modules_and_freezes_them():
+    """What a forked daemon needs is loaded before the fork (every name in PRELOAD exists), and the
+    loaded objects are out of the collector's reach (a daemon's collections do not copy the
+    template's pages)."""
+    code = ("import gc, sys; from shim.binary import template; template._preload(); "
+            "missing = [m for m in template.PRELOAD if m not in sys.modules]; "
+            "print(missing, gc.get_freeze_count() > 10000)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "True"], out.stdout
 
 
 SQUATTER = """
