@@ -12,7 +12,8 @@ time into these with what CRIU writes anyway:
 - the log (runc runs CRIU at log level 4): every line starts ``(SS.uuuuuu)``, seconds since CRIU
   started; the span of the ``pie: N: Preadv`` lines is the restorer reading page contents.
 
-Only the stdlib: a few varints, read with a size cap (a stats file is under 100 bytes).
+The protobuf is read with ttrpc's wire reader (as `criu.images` reads its images), with a size cap
+(a stats file is under 100 bytes).
 """
 from __future__ import annotations
 
@@ -36,43 +37,11 @@ RESTORE_FIELDS = {1: "pages_compared", 2: "pages_skipped_cow", 3: "forking_us", 
                   5: "pages_restored"}
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-
-
 def _fields(buf: bytes) -> dict[int, object]:
-    """Top-level fields of a protobuf message: varints as ints, length-delimited as bytes."""
-    out: dict[int, object] = {}
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            out[number], pos = _varint(buf, pos)
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            if pos + size > len(buf):
-                raise ValueError("truncated field")
-            out[number] = buf[pos:pos + size]
-            pos += size
-        elif wire == 5:
-            out[number] = struct.unpack_from("<I", buf, pos)[0]
-            pos += 4
-        elif wire == 1:
-            out[number] = struct.unpack_from("<Q", buf, pos)[0]
-            pos += 8
-        else:
-            raise ValueError(f"wire type {wire}")
-    return out
+    """Top-level fields of a protobuf message (ttrpc's one wire reader, as criu.images uses it)."""
+    from ttrpc.wire import iter_fields
+
+    return {number: value for number, _wire, value in iter_fields(buf)}
 
 
 def parse_stats(data: bytes) -> dict[str, int]:
@@ -82,13 +51,15 @@ def parse_stats(data: bytes) -> dict[str, int]:
     magic, kind, size = struct.unpack_from("<III", data, 0)
     if magic != IMG_SERVICE_MAGIC or kind != STATS_MAGIC or 12 + size > len(data):
         return {}
+    from ttrpc.protocol_errors import ProtocolError
+
     try:
         top = _fields(data[12:12 + size])
         for number, names in ((1, DUMP_FIELDS), (2, RESTORE_FIELDS)):
             inner = top.get(number)
             if isinstance(inner, bytes):
                 return {names[n]: v for n, v in _fields(inner).items() if n in names and isinstance(v, int)}
-    except (ValueError, struct.error):
+    except ProtocolError:
         return {}
     return {}
 
