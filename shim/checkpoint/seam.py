@@ -312,7 +312,6 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
         raise TTRPCError(Code.INVALID_ARGUMENT,
                          f"checkpoint container {cid}: cannot create {exc.filename}: {exc.strerror}") from exc
     log.info("container %s: checkpoint to %s (leave running: %s)", cid, plan.image_path, plan.keeps_running)
-    started = time.monotonic()
     profile = StageProfile("checkpoint", cid)
     try:
         with profile.stage(f"{layer.name}.before"):
@@ -346,7 +345,7 @@ async def checkpoint(task: TaskHandle, layer: LifecycleLayer, settings: Checkpoi
     finally:
         if scratch:
             await _remove_scratch(scratch, cid)
-    elapsed = time.monotonic() - started
+    elapsed = profile.total  # from the layer's before_checkpoint to the runtime's and the layer's end
     record = {"container_id": cid, "namespace": task.namespace, "image_path": plan.image_path,
               "checkpointed_at": time.time(), "seconds": round(elapsed, 3), "exit": plan.exit,
               "runtime": getattr(task.runtime, "binary", ""), "layer": layer.name,
